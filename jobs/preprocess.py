@@ -1,0 +1,102 @@
+"""Turn an ImageNet-style tree into 256x256 WebDataset shards, on Ray.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/preprocess.py --src /data/imagenet --out shards/
+    python jobs/preprocess.py --src /data/imagenet --out shards/   # no cluster: starts Ray locally
+
+On a cluster, --src and --out must be paths that every node sees (NFS, a shared volume):
+each task reads its inputs and writes its shard there directly.
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
+
+from pipeline.preprocess import JobFailed, Settings, run  # noqa: E402
+
+log = logging.getLogger("preprocess")
+
+
+class ProgressBar:
+    """shards done/total, images/s, ETA: redrawn in place on a terminal, a line every 5 s in a log."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.start, self.last = stream, time.monotonic(), 0.0
+        self.tty = stream.isatty()
+
+    def __call__(self, done, total, images):
+        now = time.monotonic()
+        if not self.tty and done not in (0, total) and now - self.last < 5:
+            return
+        self.last, elapsed = now, now - self.start
+        rate = images / elapsed if elapsed > 0 else 0.0
+        eta = f"{(total - done) * elapsed / done:,.0f}s" if done else "?"
+        filled = int(30 * done / max(total, 1))
+        line = (f"shards {done}/{total} [{'#' * filled}{'.' * (30 - filled)}] "
+                f"{rate:,.0f} img/s  ETA {eta}")
+        self.stream.write(("\r" + line + ("\n" if done == total else "")) if self.tty else line + "\n")
+        self.stream.flush()
+
+
+def parse_args(argv=None):
+    defaults = {f.name: f.default for f in fields(Settings)}
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="tree with train/<class>/<file> and val/<class>/<file>")
+    p.add_argument("--out", required=True, help="output folder for shards, manifest, pca.json, rejects")
+    p.add_argument("--val-labels", help="val/ is flat; this file has lines '<filename> <class>'")
+    p.add_argument("--size", type=int, default=defaults["size"], help="output side in pixels")
+    p.add_argument("--quality", type=int, default=defaults["quality"], help="JPEG quality (1-100)")
+    p.add_argument("--shard-size", type=int, default=defaults["shard_size"], help="samples per shard")
+    p.add_argument("--seed", type=int, default=defaults["seed"], help="seed of the sample permutation")
+    p.add_argument("--max-pixels", type=int, default=defaults["max_pixels"],
+                   help="reject images larger than this (decompression bombs)")
+    p.add_argument("--max-reject-fraction", type=float, default=0.01,
+                   help="fail if more than this fraction of inputs is rejected")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster to use ('auto': the one `ray start` began here; "
+                        "default: $RAY_ADDRESS, else a new local Ray on 127.0.0.1 for this run)")
+    args = p.parse_args(argv)
+    if not 1 <= args.quality <= 100:
+        p.error("--quality must be within 1..100")
+    if args.size < 1 or args.shard_size < 1 or args.max_pixels < 1:
+        p.error("--size, --shard-size and --max-pixels must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.address:
+        # A Ray of our own for this run: every one of its servers on 127.0.0.1 (Ray otherwise
+        # binds the machine's public address; this switch is how it keeps to loopback).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+
+    if args.address:
+        ray.init(address=args.address, log_to_driver=True)
+    else:
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+    settings = Settings(size=args.size, quality=args.quality, shard_size=args.shard_size,
+                        seed=args.seed, max_pixels=args.max_pixels)
+    try:
+        manifest = run(args.src, args.out, settings, args.val_labels, args.max_reject_fraction,
+                       progress=ProgressBar())
+    except JobFailed as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        ray.shutdown()
+    totals = manifest["totals"]
+    log.info("done: %d samples in %s (%d train, %d val shards); manifest %s",
+             totals["written"], args.out, len(manifest["splits"]["train"]["shards"]),
+             len(manifest["splits"]["val"]["shards"]), Path(args.out) / "manifest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

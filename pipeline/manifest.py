@@ -1,0 +1,51 @@
+"""The files a shard directory holds, the contract between preprocessing and training.
+
+    <split>-NNNNNN.tar   WebDataset shard: <key>.jpg (size x size RGB JPEG), <key>.cls (class index)
+    <split>-NNNNNN.idx   its DALI index (the format wds2idx writes)
+    pca.json             mean, std, cov [3][3], eigenvalues [3] (descending), eigenvectors [3][3]
+                         (eigenvector i is column i), pixels: over every training pixel as the
+                         shards hold it, in [0, 1] units
+    rejects.jsonl        one {"path", "reason"} per input that was not written
+    manifest.json        written last: classes, per split the shards (name, index, samples, bytes,
+                         sha256), totals (inputs, written, rejected, rejected_by_reason), settings, tool
+    .parts/              one record per finished shard, so that a rerun resumes
+"""
+import json
+import os
+from pathlib import Path
+
+MANIFEST, PCA, REJECTS, PARTS = "manifest.json", "pca.json", "rejects.jsonl", ".parts"
+SPLITS = ("train", "val")
+
+
+class ShardDirError(Exception):
+    """A shard directory that cannot be used; the message says what to run."""
+
+
+def write_json(path, obj):
+    """Write JSON under a temporary name, fsync, rename: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(shards) -> dict:
+    path = Path(shards) / MANIFEST
+    if not Path(shards).is_dir():
+        raise ShardDirError(f"{shards} does not exist: make shards with "
+                            f"`python jobs/preprocess.py --src TREE --out {shards}`")
+    if not path.exists():
+        raise ShardDirError(f"{path} is missing: the preprocessing has not finished; run "
+                            f"`python jobs/preprocess.py --src TREE --out {shards}` again")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_pca(shards) -> dict:
+    with open(Path(shards) / PCA) as f:
+        return json.load(f)

@@ -1,0 +1,1 @@
+"""Everything about the network and its training."""
