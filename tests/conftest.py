@@ -14,6 +14,9 @@ BIN = Path(sys.executable).parent
 # Every Ray server on 127.0.0.1 (`--node-ip-address 127.0.0.1` alone still binds the public
 # address), and the token the head requires sent by every client. Subprocesses inherit both.
 os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"  # as if the venv were activated: `python` in a job
 FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "TIFF"]
 EXTENSIONS = {"JPEG": ".JPEG", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 
