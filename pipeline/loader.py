@@ -1,0 +1,169 @@
+"""The input pipeline on NVIDIA DALI: shards -> decoded, cropped, flipped, lit, normalised batches.
+
+    loader = build_loader("shards/", split="train", batch_size=128, device="cuda:0")
+    for images, labels in loader:   # images [B, 3, 227, 227] ("ten": [B, 10, 3, 227, 227]), labels int64 [B]
+        ...
+
+One pipeline definition serves both devices: on CUDA the JPEGs are decoded by nvJPEG (and the
+hardware decoder where there is one, `device="mixed"`) and everything after runs on the GPU; on
+the CPU, the same operators run on the CPU with `device_id=None`.
+
+Augmentation (paper, section 4.1), for crops="random":
+  - a random 227x227 crop of the 256x256 image (the paper says 224; its conv1 arithmetic needs 227),
+    anchors uniform over the 30 x 30 integer positions;
+  - a horizontal flip with p = 0.5;
+  - Fancy PCA: the same RGB offset P (alpha * s) added to every pixel of an image, alpha ~ N(0, sigma^2)
+    per image and component, P and lambda the eigenvectors and eigenvalues of pca.json ([0, 1] units);
+    s = sqrt(lambda) by default (cuda-convnet2's `pca_stdevs`, fancy_pca_scale="sqrt"), or s = lambda
+    as the paper's text writes it (fancy_pca_scale="linear").
+The offset is constant over an image, so it is folded into the per-sample mean of the
+normalisation: out = (x/255 + offset - mean) / std = (x - 255 (mean - offset)) / (255 std).
+
+crops="center" takes the central 227x227; crops="ten" the four corners and the centre, then the same
+five mirrored, in the order top-left, top-right, bottom-left, bottom-right, centre.
+
+Sharding: rank r of world_size reads the r-th of world_size equal slices of the samples (DALI's
+reader sharding), padded so that every rank yields len(loader) batches; the padding is dropped,
+so each rank's last batch may be partial and every sample is seen once per epoch across ranks.
+Each epoch a rank moves on to the next slice, and a shuffle buffer reorders samples within it.
+"""
+import os
+
+import torch
+
+from pipeline.manifest import SPLITS, read_pca
+from pipeline.verify import verify
+
+CROP = 227  # paper section 4.1 (see the module docstring)
+LABEL_DIGITS = 8  # <key>.cls holds the class index in ASCII; padded to this many bytes
+SOURCE_BYTES = 4096  # DALI's source_info (a shard path, offset and file name), padded
+
+
+def build_loader(shards, split="train", batch_size=128, device="cpu", crops="random", seed=0, rank=0,
+                 world_size=1, fancy_pca_sigma=0.1, fancy_pca_scale="sqrt", dtype=torch.float32,
+                 channels_last=False, shuffle_buffer=4096, num_threads=None, state=None, with_params=False):
+    """-> Loader over `split` of the shard folder `shards`.
+
+    dtype: torch.float32, or on CUDA torch.float16 / torch.bfloat16. channels_last: NCHW tensors in
+    channels-last memory (free: DALI writes HWC). state: a Loader.state_dict() to resume from.
+    with_params: (crops="random") also yield {"keys": the samples' keys, "params": [B, 3] int64
+    (crop x, crop y, flipped)}, to check or replay what the augmentation did.
+    """
+    if crops not in ("random", "center", "ten"):
+        raise ValueError(f"crops must be 'random', 'center' or 'ten', not {crops!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    if fancy_pca_scale not in ("sqrt", "linear"):
+        raise ValueError(f"fancy_pca_scale must be 'sqrt' or 'linear', not {fancy_pca_scale!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not within world_size {world_size}")
+    device = torch.device(device)
+    if device.type == "cpu" and dtype != torch.float32:
+        raise ValueError("the CPU pipeline writes float32; half precision is for CUDA")
+    manifest = verify(shards, deep=False)  # refuse a folder that does not match its manifest
+    entries = manifest["splits"][split]["shards"]
+    if not entries:
+        raise ValueError(f"{shards} has no {split} samples")
+    pca = read_pca(shards)
+    span = manifest["settings"]["size"] - CROP
+    if span < 0:
+        raise ValueError(f"shards of {manifest['settings']['size']} px are smaller than the {CROP} px crop")
+
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    gpu = device.type == "cuda"
+    scale = [v ** 0.5 if fancy_pca_scale == "sqrt" else v for v in pca["eigenvalues"]]
+    # offset per unit alpha, for component k: 255 * sigma * s_k * P[:, k], in pixel units
+    directions = [[255.0 * fancy_pca_sigma * scale[k] * pca["eigenvectors"][c][k] for c in range(3)]
+                  for k in range(3)]
+    mean255 = [255.0 * m for m in pca["mean"]]
+    std255 = [255.0 * s for s in pca["std"]]
+    layout = "HWC" if channels_last else "CHW"
+    out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
+
+    @pipeline_def(enable_checkpointing=True)
+    def pipeline():
+        jpg, cls = fn.readers.webdataset(
+            paths=[os.path.join(shards, e["name"]) for e in entries],
+            index_paths=[os.path.join(shards, e["index"]) for e in entries],
+            ext=["jpg", "cls"], missing_component_behavior="error", name="reader",
+            shard_id=rank, num_shards=world_size, pad_last_batch=True, stick_to_shard=False,
+            random_shuffle=crops == "random", initial_fill=shuffle_buffer)
+        images = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        labels = fn.pad(cls, shape=[LABEL_DIGITS], fill_value=0)
+
+        def crop(x, y, mirror, mean=mean255):
+            return fn.crop_mirror_normalize(
+                images, crop=(CROP, CROP), crop_pos_x=x, crop_pos_y=y, mirror=mirror, mean=mean,
+                std=std255, dtype=out_type, output_layout=layout)
+
+        if crops == "random":
+            # discrete positions k/span make the anchors exact integers 0..span
+            positions = [k / span for k in range(span + 1)] if span else [0.0]
+            x, y = fn.random.uniform(values=positions), fn.random.uniform(values=positions)
+            mirror = fn.random.coin_flip(probability=0.5)
+            mean = mean255
+            if fancy_pca_sigma:
+                mean = types.Constant(mean255) - sum(fn.random.normal() * types.Constant(d) for d in directions)
+            out = crop(x, y, mirror, mean)
+            if with_params:
+                params = fn.stack(x * span, y * span, fn.cast(mirror, dtype=types.FLOAT))
+                source = fn.pad(fn.get_property(jpg, key="source_info"), shape=[SOURCE_BYTES], fill_value=0)
+                return out, labels, params, source
+            return out, labels
+        c = (span // 2) / span if span else 0.0
+        if crops == "center":
+            return crop(c, c, 0), labels
+        corners = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (c, c)]
+        return fn.stack(*[crop(x, y, m) for m in (0, 1) for x, y in corners]), labels
+
+    pipe = pipeline(batch_size=batch_size, num_threads=num_threads or len(os.sched_getaffinity(0)),
+                    device_id=(device.index or 0) if gpu else None, seed=seed,
+                    checkpoint=None if state is None else state["dali"])
+    pipe.build()
+    names = ["images", "labels"] + (["params", "source"] if with_params else [])
+    iterator = DALIGenericIterator([pipe], names, reader_name="reader", auto_reset=True,
+                                   last_batch_policy=LastBatchPolicy.PARTIAL)
+    return Loader(iterator, device, dtype, channels_last)
+
+
+class Loader:
+    """Batches of (images, labels) as torch tensors on the loader's device; len() per epoch."""
+
+    def __init__(self, iterator, device, dtype, channels_last):
+        self.iterator, self.device, self.dtype, self.channels_last = iterator, device, dtype, channels_last
+
+    def __len__(self):
+        return len(self.iterator)
+
+    def __iter__(self):
+        for (out,) in self.iterator:
+            images = out["images"]
+            if self.channels_last:  # [B, H, W, C] -> NCHW view in channels-last memory
+                images = images.movedim(-1, -3)
+            if images.dtype != self.dtype:
+                images = images.to(self.dtype)
+            labels = _parse_labels(out["labels"]).to(self.device, non_blocking=True)
+            if "params" in out:
+                yield images, labels, {"keys": _parse_keys(out["source"]), "params": out["params"].round().long()}
+            else:
+                yield images, labels
+
+    def state_dict(self) -> dict:
+        """Where the loader stands, mid-epoch too: pass as build_loader(state=...) to continue."""
+        return {"dali": self.iterator.checkpoints()[0]}
+
+
+def _parse_keys(source: torch.Tensor) -> list[str]:
+    """DALI's source_info, "<tar path>:<offset>:<key>.jpg" as zero-padded bytes -> the keys."""
+    return [bytes(row[row > 0].tolist()).decode().rsplit(":", 1)[-1].split(".")[0] for row in source.cpu()]
+
+
+def _parse_labels(ascii_digits: torch.Tensor) -> torch.Tensor:
+    """[B, LABEL_DIGITS] uint8 ASCII digits, zero-padded on the right -> [B] int64."""
+    codes = ascii_digits.long()
+    value = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
+    for column in codes.unbind(1):
+        value = torch.where(column > 0, value * 10 + column - ord("0"), value)
+    return value

@@ -1,0 +1,183 @@
+"""pipeline.build_loader against numpy on the same DALI-decoded images, with fixed seeds."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import build_loader
+from pipeline.manifest import ShardDirError
+
+CROP, SPAN = 227, 256 - 227
+
+
+@pytest.fixture(scope="module")
+def decoded(shards):
+    """{split: {key: (DALI's decode of the sample, [256, 256, 3] uint8, label)}}: the reference images."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    result = {}
+    for split in ("train", "val"):
+        entries = manifest["splits"][split]["shards"]
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def plain():
+            jpg, cls = fn.readers.webdataset(paths=[str(shards / e["name"]) for e in entries],
+                                             index_paths=[str(shards / e["index"]) for e in entries],
+                                             ext=["jpg", "cls"], missing_component_behavior="error")
+            return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), cls, \
+                fn.get_property(jpg, key="source_info")
+
+        pipe = plain()
+        pipe.build()
+        result[split] = {}
+        for _ in range(manifest["splits"][split]["samples"]):
+            image, cls, source = (np.array(t[0]) for t in pipe.run())
+            key = bytes(source.tolist()).decode().rsplit(":", 1)[-1].split(".")[0]
+            result[split][key] = (image, int(bytes(cls.tolist())))
+    return result
+
+
+@pytest.fixture(scope="module")
+def pca(shards):
+    return json.loads((shards / "pca.json").read_text())
+
+
+def normalise(crop, pca):
+    """numpy's (x/255 - mean) / std, as CHW float32."""
+    x = (crop.astype(np.float64) / 255 - pca["mean"]) / pca["std"]
+    return x.transpose(2, 0, 1).astype(np.float32)
+
+
+def numpy_crop(image, x, y, flip):
+    out = image[y:y + CROP, x:x + CROP]
+    return out[:, ::-1] if flip else out
+
+
+def random_batches(shards, epochs, **kwargs):
+    loader = build_loader(shards, batch_size=8, crops="random", with_params=True, **kwargs)
+    return [batch for _ in range(epochs) for batch in loader]
+
+
+def test_random_crops_and_flips_are_what_they_claim(shards, decoded, pca):
+    batches = random_batches(shards, epochs=4, fancy_pca_sigma=0.0, seed=3)
+    params = torch.cat([info["params"] for _, _, info in batches])
+    for images, labels, info in batches:
+        for image, label, key, (x, y, flip) in zip(images, labels, info["keys"], info["params"].tolist()):
+            source, source_label = decoded["train"][key]
+            assert label == source_label
+            expected = normalise(numpy_crop(source, x, y, flip), pca)
+            np.testing.assert_allclose(image.numpy(), expected, rtol=0, atol=2e-5)  # sigma 0: plain crop+normalise
+    assert params[:, :2].min() == 0 and params[:, :2].max() == SPAN  # integer anchors over 0..29
+    assert len(set(params[:, 0].tolist())) > 15 and len(set(params[:, 1].tolist())) > 15
+    assert 0.3 < params[:, 2].float().mean() < 0.7  # flips with p = 0.5 (96 draws)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_center_and_ten_crops_equal_numpy_slicing(shards, decoded, pca, split):
+    center = build_loader(shards, split=split, batch_size=4, crops="center")
+    ten = build_loader(shards, split=split, batch_size=4, crops="ten")
+    corners = [(0, 0), (SPAN, 0), (0, SPAN), (SPAN, SPAN), (SPAN // 2, SPAN // 2)]
+    references = list(decoded[split].values())  # neither shuffles: the reader's order
+    n = 0
+    for (c_images, c_labels), (t_images, t_labels) in zip(center, ten):
+        assert torch.equal(c_labels, t_labels) and t_images.shape[1:] == (10, 3, CROP, CROP)
+        for c_image, t_image, label in zip(c_images, t_images, c_labels):
+            source, source_label = references[n]
+            assert label == source_label
+            np.testing.assert_allclose(c_image.numpy(), normalise(source[14:241, 14:241], pca), atol=2e-5)
+            expected = [normalise(numpy_crop(source, x, y, flip), pca) for flip in (0, 1) for x, y in corners]
+            np.testing.assert_allclose(t_image.numpy(), np.stack(expected), atol=2e-5)
+            n += 1
+    assert n == len(references)
+
+
+@pytest.mark.parametrize("scale", ["sqrt", "linear"])
+def test_fancy_pca_offsets_have_the_claimed_distribution(shards, decoded, pca, scale):
+    sigma = 0.1
+    offsets = []
+    for images, _, info in random_batches(shards, epochs=15, fancy_pca_sigma=sigma, fancy_pca_scale=scale):
+        for image, key, (x, y, flip) in zip(images, info["keys"], info["params"].tolist()):
+            pixels = numpy_crop(decoded["train"][key][0], x, y, flip).transpose(2, 0, 1) / 255
+            shift = image.numpy() * np.array(pca["std"])[:, None, None] + np.array(pca["mean"])[:, None, None] - pixels
+            offset = shift.reshape(3, -1).mean(1)
+            np.testing.assert_allclose(shift.reshape(3, -1), offset[:, None].repeat(CROP * CROP, 1), atol=1e-5)
+            offsets.append(offset)  # the same offset for every pixel of the image
+    offsets = np.array(offsets)
+    P, lam = np.array(pca["eigenvectors"]), np.array(pca["eigenvalues"])
+    variances = sigma ** 2 * (lam if scale == "sqrt" else lam ** 2)
+    in_basis = offsets @ P  # components along the eigenvectors: independent, N(0, variances)
+    n = len(offsets)
+    assert n == 24 * 15
+    np.testing.assert_array_less(np.abs(in_basis.mean(0)), 4 * np.sqrt(variances / n))
+    cov = np.cov(in_basis, rowvar=False)
+    np.testing.assert_allclose(np.diag(cov), variances, rtol=4 * np.sqrt(2 / n))
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        assert abs(cov[i, j]) < 4 * np.sqrt(variances[i] * variances[j] / n)
+
+
+def test_two_ranks_see_every_sample_once_in_equal_batches(shards, decoded):
+    loaders = [build_loader(shards, batch_size=5, rank=r, world_size=2, with_params=True) for r in range(2)]
+    assert len(loaders[0]) == len(loaders[1]) == 3  # 12 samples a rank: 5 + 5 + 2
+    orders = []
+    for epoch in range(2):
+        keys = [[k for _, _, info in loader for k in info["keys"]] for loader in loaders]
+        assert sorted(keys[0] + keys[1]) == sorted(decoded["train"])  # every sample, once
+        orders.append(keys[0] + keys[1])
+    assert orders[0] != orders[1]  # another order in the second epoch
+
+
+def test_uneven_split_still_gives_equal_batch_counts(shards, decoded):
+    loaders = [build_loader(shards, batch_size=4, rank=r, world_size=5, with_params=True) for r in range(5)]
+    counts = [[len(info["keys"]) for _, _, info in loader] for loader in loaders]
+    assert {len(c) for c in counts} == {2}  # 24 samples over 5 ranks: 4 or 5 each, 2 batches each
+    assert sum(map(sum, counts)) == 24
+
+
+def test_resume_mid_epoch_gives_the_uninterrupted_batches(shards):
+    loader = build_loader(shards, batch_size=4, seed=5, with_params=True)
+    batches = iter(loader)
+    for _ in range(2):
+        next(batches)
+    state = loader.state_dict()
+    expected = list(batches) + list(loader)  # the rest of this epoch, then the next one
+
+    resumed = build_loader(shards, batch_size=4, seed=5, with_params=True, state=state)
+    got = list(resumed) + list(resumed)
+    assert len(got) == len(expected) == 4 + 6
+    for (a_images, a_labels, a_info), (b_images, b_labels, b_info) in zip(expected, got):
+        assert a_info["keys"] == b_info["keys"] and torch.equal(a_info["params"], b_info["params"])
+        assert torch.equal(a_labels, b_labels) and torch.equal(a_images, b_images)
+
+
+def test_folder_that_does_not_match_its_manifest_is_refused(shards, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(shards, folder)
+    with open(folder / "train-000003.tar", "ab") as f:
+        f.write(b"\0" * 1024)
+    with pytest.raises(ShardDirError, match="train-000003.tar has .* bytes, the manifest says"):
+        build_loader(folder)
+
+
+def test_bad_arguments_say_what_is_allowed(shards):
+    with pytest.raises(ValueError, match="crops must be"):
+        build_loader(shards, crops="five")
+    with pytest.raises(ValueError, match="rank 2 is not within world_size 2"):
+        build_loader(shards, rank=2, world_size=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_pipeline_matches_cpu(shards):
+    cpu = next(iter(build_loader(shards, split="val", batch_size=9, crops="center")))
+    for dtype, channels_last in [(torch.float32, False), (torch.float16, True), (torch.bfloat16, True)]:
+        images, labels = next(iter(build_loader(shards, split="val", batch_size=9, crops="center",
+                                                device="cuda:0", dtype=dtype, channels_last=channels_last)))
+        assert images.device.type == "cuda" and images.dtype == dtype and labels.device.type == "cuda"
+        assert images.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert torch.equal(labels.cpu(), cpu[1])
+        # nvJPEG and libjpeg-turbo may differ by a few levels per pixel: compare means and maxima
+        diff = (images.float().cpu() - cpu[0]).abs()
+        assert diff.mean() < 0.02 and diff.max() < 0.5
