@@ -1,9 +1,14 @@
 """Benchmarks, each measured in one run on this machine and printed as one table.
 
     python -m pipeline.bench --src TREE      # the preprocessing job on all cores vs one bare loop
-    python -m pipeline.bench --shards DIR    # the input pipeline (see bench_loader)
+    python -m pipeline.bench --shards DIR    # the input pipeline beside what it must feed
 
-Figures are images per second. `--json FILE` writes the same figures as JSON.
+Figures are images per second. `--json FILE` writes the same figures as JSON. For --shards:
+  decode_only     DALI's decode of every training image to RGB uint8, nothing else: the ceiling
+  train_pipeline  build_loader(crops="random") on the device, tensors handed over
+  baseline        what a user writes today: webdataset + Pillow crop/flip/Fancy PCA/normalise in a
+                  torch DataLoader with one worker per core
+  model           the trainer's AlexNet forward+backward on synthetic batches of the same size
 """
 import argparse
 import json
@@ -59,6 +64,125 @@ def bench_preprocess(src, cores):
             "ratio_to_cores_x_single": job / (cores * single)}
 
 
+def _rate(batches, seconds, warmup=2):
+    """images/s over an endless iterable of batch sizes, after `warmup` batches, for >= `seconds`."""
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    images, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        images += next(it)
+    return images / (time.perf_counter() - start)
+
+
+def _epochs(make_epoch):
+    while True:
+        yield from make_epoch()
+
+
+def bench_loader(shards, device, batch_size, seconds, cores):
+    import torch
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipeline import build_loader
+    from pipeline.manifest import read_manifest, read_pca
+
+    gpu = torch.device(device).type == "cuda"
+    entries = read_manifest(shards)["splits"]["train"]["shards"]
+    tars = [str(Path(shards) / e["name"]) for e in entries]
+
+    @pipeline_def(batch_size=batch_size, num_threads=cores,
+                 device_id=(torch.device(device).index or 0) if gpu else None)
+    def decode():
+        jpg = fn.readers.webdataset(paths=tars, index_paths=[str(Path(shards) / e["index"]) for e in entries],
+                                    ext=["jpg"], missing_component_behavior="error", random_shuffle=True)
+        return fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+
+    pipe = decode()
+    pipe.build()
+
+    def decoded_batches():
+        while True:
+            (out,) = pipe.run()
+            if gpu:
+                torch.cuda.synchronize()
+            yield len(out)
+
+    def sync(n):
+        if gpu:
+            torch.cuda.synchronize()
+        return n
+
+    loader = build_loader(shards, batch_size=batch_size, device=device, crops="random", num_threads=cores)
+    figures = {"device": str(device), "batch_size": batch_size, "cores": cores,
+               "decode_only": _rate(decoded_batches(), seconds),
+               "train_pipeline": _rate((sync(len(y)) for y in _epochs(lambda: (y for _, y in loader))), seconds)}
+    del pipe, loader
+    figures["baseline"] = _rate(_epochs(lambda: (len(y) for _, y in _baseline(tars, read_pca(shards), batch_size, cores))),
+                                seconds)
+    figures["model"] = _model_rate(device, batch_size, seconds)
+    return figures
+
+
+def _baseline(tars, pca, batch_size, workers):
+    import torch
+    import webdataset as wds
+
+    dataset = wds.WebDataset(tars, shardshuffle=False, empty_check=False).shuffle(1000).decode("pil") \
+        .to_tuple("jpg", "cls").map(_BaselineTransform(pca))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=True)
+
+
+class _BaselineTransform:
+    """Pillow crop and flip, numpy Fancy PCA and normalisation: a typical hand-written transform."""
+
+    def __init__(self, pca, size=227, sigma=0.1):
+        import numpy as np
+        self.np, self.size, self.sigma = np, size, sigma
+        self.mean, self.std = np.array(pca["mean"], np.float32), np.array(pca["std"], np.float32)
+        self.P, self.scale = np.array(pca["eigenvectors"]), np.sqrt(pca["eigenvalues"])
+
+    def __call__(self, sample):
+        import random
+
+        import torch
+        from PIL import Image
+        image, cls = sample
+        x, y = random.randint(0, image.width - self.size), random.randint(0, image.height - self.size)
+        image = image.crop((x, y, x + self.size, y + self.size))
+        if random.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        offset = self.P @ (self.np.random.normal(0, self.sigma, 3) * self.scale)
+        pixels = (self.np.asarray(image, self.np.float32) / 255 + offset.astype(self.np.float32) - self.mean) / self.std
+        return torch.from_numpy(pixels.transpose(2, 0, 1).copy()), int(cls)
+
+
+def _model_rate(device, batch_size, seconds):
+    """The measurement that needs the trainer's net: the one place the pipeline's tools import it."""
+    import torch
+
+    from trainer.model import AlexNet
+
+    model = AlexNet(num_classes=1000).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch_size, 3, 227, 227, device=device)
+    y = torch.randint(0, 1000, (batch_size,), device=device)
+    gpu = torch.device(device).type == "cuda"
+
+    def steps():
+        while True:
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=gpu):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if gpu:
+                torch.cuda.synchronize()
+            yield batch_size
+
+    return _rate(steps(), seconds, warmup=1)
+
+
 def _import_task_modules():
     import pipeline.preprocess  # noqa: F401
 
@@ -69,9 +193,42 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--src", help="an image tree: benchmark the preprocessing job")
-    p.add_argument("--cores", type=int, default=os.cpu_count(), help="Ray workers for the job")
+    source.add_argument("--shards", help="a shard folder: benchmark the input pipeline")
+    p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
+                   help="Ray workers, DALI threads and DataLoader workers")
+    p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if there is a GPU)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seconds", type=float, default=10.0, help="how long each --shards figure is measured")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
+    if args.shards:
+        figures = bench_loader_report(args)
+    else:
+        figures = bench_preprocess_report(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+    return 0
+
+
+def bench_loader_report(args):
+    import torch
+    device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    f = bench_loader(args.shards, device, args.batch_size, args.seconds, args.cores)
+    feed = f["train_pipeline"] / f["model"]
+    print(table([
+        ("decode_only", f"{f['decode_only']:9,.0f} img/s  DALI decode to RGB uint8, nothing else (the ceiling)"),
+        ("train_pipeline", f"{f['train_pipeline']:9,.0f} img/s  build_loader(crops='random'): "
+                           f"{f['train_pipeline'] / f['decode_only']:.2f} x decode_only"),
+        ("baseline", f"{f['baseline']:9,.0f} img/s  webdataset + Pillow, DataLoader with {args.cores} workers: "
+                     f"train_pipeline is {f['train_pipeline'] / f['baseline']:.1f} x"),
+        ("model", f"{f['model']:9,.0f} img/s  AlexNet forward+backward, batch {args.batch_size}"),
+    ], f"input pipeline: {args.shards} on {device}, batch {args.batch_size}, {args.cores} cores"))
+    verdict = "can" if feed >= 1 else "can NOT"
+    print(f"verdict: the pipeline {verdict} feed the model: {feed:,.1f} x what it consumes")
+    return f
+
+
+def bench_preprocess_report(args):
     figures = bench_preprocess(args.src, args.cores)
     print(table([
         ("images", f"{figures['images']:,}"),
@@ -79,9 +236,7 @@ def main(argv=None):
         (f"Ray job on {figures['cores']} cores", f"{figures['ray_job']:,.0f} img/s"),
         ("job / (cores x loop)", f"{figures['ratio_to_cores_x_single']:.2f}  (target >= 0.8)"),
     ], f"preprocessing: {args.src}"))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
-    return 0
+    return figures
 
 
 if __name__ == "__main__":
