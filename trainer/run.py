@@ -132,9 +132,18 @@ class Run:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.train = self.train_loader(state={"dali": state["loader"].numpy().tobytes()})
 
+    @property
+    def batches(self):
+        """Training batches without end: a capped epoch (--steps-per-epoch) and the loader's epoch
+        need not coincide."""
+        if self._batches is None:
+            self._batches = (batch for _ in iter(int, 1) for batch in self.train)
+        return self._batches
+
     def train_loader(self, state=None):
         from pipeline import build_loader
         config = self.config
+        self._batches = None
         return build_loader(config.shards, "train", config.batch_size, seed=config.seed, state=state,
                             crops="random" if config.augment else "center",
                             fancy_pca_sigma=config.fancy_pca_sigma, **self.loader_options)
@@ -151,10 +160,9 @@ class Run:
         wait = window_wait = 0.0
         window_start, window_images, last_checkpoint = started, 0, time.monotonic()
         losses = []
-        batches = iter(self.train)
         while self.epoch_step < self.steps:
             t0 = time.perf_counter()
-            images, labels = next(batches)  # blocks only if the pipeline is behind: the data wait
+            images, labels = next(self.batches)  # blocks only if the pipeline is behind: the data wait
             waited = time.perf_counter() - t0
             wait, window_wait = wait + waited, window_wait + waited
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):

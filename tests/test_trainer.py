@@ -1,0 +1,106 @@
+"""python -m trainer.run on generated shards, on the CPU: learning, crash and resume, its run folder."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import cv2
+import pytest
+import torch
+
+from conftest import REPO, make_tree, preprocess, wait_for
+
+QUICK = ["--init", "torch", "--optimizer", "adam", "--lr", "1e-4"]  # the demo's quick recipe
+
+
+def train(shards, out, *args, check=True, timeout=600):
+    cmd = [sys.executable, "-m", "trainer.run", "--shards", str(shards), "--out", str(out), *map(str, args)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"trainer failed ({result.returncode}):\n{result.stderr[-5000:]}")
+    return result
+
+
+def metrics(out, kind):
+    with open(out / "metrics.jsonl") as f:
+        return [m for m in map(json.loads, f) if m["kind"] == kind]
+
+
+def test_overfits_a_tiny_set(tmp_path, ray_head):
+    tiny = tmp_path / "shards"
+    preprocess(make_tree(tmp_path / "tree", train=3, val=1), tiny, address=ray_head)  # 9 images, 3 classes
+    out = tmp_path / "run"
+    train(tiny, out, "--epochs", 35, "--batch-size", 9, "--no-augment", "--dropout", 0, "--no-ten-crop",
+          "--log-every", 1, "--lr-patience", 100, *QUICK)  # a constant lr
+    losses = [m["loss"] for m in metrics(out, "step")]
+    assert len(losses) == 35 and losses[0] > 0.9  # ~ln 3 for 3 classes
+    assert min(losses[-5:]) < 0.1 and losses[-1] < 0.25, losses  # from ln 3; Adam wobbles near zero
+
+
+def losses_by_step(out):
+    return {m["step"]: m["loss"] for m in metrics(out, "step")}  # a re-run step's later line wins
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_losses(shards, tmp_path):
+    args = ["--epochs", 2, "--batch-size", 4, "--steps-per-epoch", 4, "--log-every", 1,
+            "--checkpoint-minutes", 0, "--no-ten-crop"]
+    clean = tmp_path / "clean"
+    train(shards, clean, *args)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "trainer.run", "--shards", str(shards), "--out", str(out), *map(str, args)]
+    job = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (out / "checkpoint.pt").exists() or job.poll() is not None, timeout=300)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 0 and 0 < state["epoch_step"] < 4, "killed mid-epoch 1"
+
+    result = train(shards, out, *args, "--resume")
+    assert f"resumed {out} at epoch 1 step {state['epoch_step']}" in result.stderr
+    expected, got = losses_by_step(clean), losses_by_step(out)
+    assert sorted(got) == sorted(expected) == list(range(1, 9))
+    assert got == expected  # the same batches, the same dropout masks, the same weights
+
+
+def test_a_short_run_writes_its_run_folder(shards, tmp_path):
+    out = tmp_path / "run"
+    result = train(shards, out, "--epochs", 1, "--batch-size", 8, "--log-every", 1)
+    assert "epoch 1 step 3/3: loss" in result.stderr and "data wait" in result.stderr
+    assert "ten-crop: val top-1 error" in result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["lr"] == 0.01 and config["momentum"] == 0.9 and config["weight_decay"] == 5e-4
+    assert config["batch_size"] == 8 and config["init"] == "paper" and len(config["git_commit"]) == 40
+    steps, (epoch,), (final,) = metrics(out, "step"), metrics(out, "epoch"), metrics(out, "final")
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert {"loss", "lr", "img_s", "data_wait"} <= set(steps[0])
+    assert {"top1", "top5", "data_wait", "train_loss", "lr"} <= set(epoch) and 0 <= epoch["data_wait"] < 1
+    assert 0 <= final["top1_ten_crop"] <= 1
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "scheduler", "rng", "loader"}
+    assert cv2.imread(str(out / "kernels.png")).shape[0] > 100 and cv2.imread(str(out / "curves.png")) is not None
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    out = tmp_path / "run"
+    result = train(shards, out, "--epochs", 3, "--batch-size", 4, "--lr", 1e12, "--log-every", 1,
+                   "--checkpoint-minutes", 0, "--no-ten-crop", check=False)
+    assert result.returncode == 1
+    assert "the training loss (or a weight) is" in result.stderr and "last good checkpoint" in result.stderr
+    if (out / "checkpoint.pt").exists():
+        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shards", "/nonexistent/shards"], "does not exist: make shards with"),
+    (["--shards", "SHARDS", "--warmup", "3"], "unrecognized arguments: --warmup"),
+    (["--shards", "SHARDS", "--optimizer", "lamb"], "--optimizer must be one of"),
+])
+def test_refuses_bad_input_with_a_message(shards, args, message):
+    args = [str(shards) if a == "SHARDS" else a for a in args]
+    result = subprocess.run([sys.executable, "-m", "trainer.run", *args], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr
