@@ -28,7 +28,7 @@ fi
 trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
 trap 'exit 130' INT TERM
 ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-    python jobs/preprocess.py --src "$DATA" --out "$SHARDS"
+    python jobs/preprocess.py --src "$(realpath "$DATA")" --out "$(realpath -m "$SHARDS")"
 ray stop --force >/dev/null 2>&1
 trap - EXIT
 

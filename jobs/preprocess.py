@@ -65,6 +65,12 @@ def parse_args(argv=None):
         p.error("--quality must be within 1..100")
     if args.size < 1 or args.shard_size < 1 or args.max_pixels < 1:
         p.error("--size, --shard-size and --max-pixels must be positive")
+    if "runtime_resources" in os.getcwd():  # a `ray job submit --working-dir` job runs in a copy
+        for name in ("src", "out", "val_labels"):
+            value = getattr(args, name)
+            if value and not os.path.isabs(value):
+                p.error(f"--{name.replace('_', '-')} {value} is relative to the job's copy of the working "
+                        f"dir, which Ray deletes: give a path every node sees, absolute")
     return args
 
 

@@ -1,0 +1,28 @@
+"""python -m pipeline.sample: scikit-learn's digits as an ImageNet-style tree."""
+from collections import Counter
+
+import numpy as np
+from sklearn.datasets import load_digits
+
+from pipeline.images import decode_rgb, read_bytes
+from pipeline.sample import write_digits
+
+
+def test_digits_tree_is_a_stratified_split_of_all_scans(tmp_path):
+    counts = write_digits(tmp_path / "digits")
+    assert counts == {"train": 1437, "val": 360}
+    per_class = {split: Counter(p.parent.name for p in (tmp_path / "digits" / split).rglob("*.*"))
+                 for split in ("train", "val")}
+    assert set(per_class["train"]) == set(per_class["val"]) == {str(d) for d in range(10)}
+    for digit, n in Counter(load_digits().target).items():  # 80/20 within every class
+        assert per_class["train"][str(digit)] + per_class["val"][str(digit)] == n
+        assert abs(per_class["val"][str(digit)] - 0.2 * n) <= 1
+    files = sorted((tmp_path / "digits").rglob("*.*"))
+    assert Counter(p.suffix for p in files) .keys() == {".png", ".jpg", ".bmp"}
+    scans = load_digits().images
+    for path in files[:40]:
+        rgb = decode_rgb(read_bytes(path))
+        assert rgb.shape == (8, 8, 3)
+        if path.suffix != ".jpg":  # lossless: the scan itself, 0..16 -> 0..255
+            expected = np.round(scans[int(path.stem)] / 16 * 255)
+            assert np.abs(rgb[..., 0].astype(float) - expected).max() <= 1
