@@ -73,7 +73,9 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
     gpu = device.type == "cuda"
-    scale = [v ** 0.5 if fancy_pca_scale == "sqrt" else v for v in pca["eigenvalues"]]
+    # grayscale data has a rank-1 covariance: its other eigenvalues are 0 up to rounding, maybe -1e-18
+    eigenvalues = [max(v, 0.0) for v in pca["eigenvalues"]]
+    scale = [v ** 0.5 if fancy_pca_scale == "sqrt" else v for v in eigenvalues]
     # offset per unit alpha, for component k: 255 * sigma * s_k * P[:, k], in pixel units
     directions = [[255.0 * fancy_pca_sigma * scale[k] * pca["eigenvectors"][c][k] for c in range(3)]
                   for k in range(3)]
