@@ -11,7 +11,7 @@ set -euo pipefail
 DATA=${DATA:-data/digits}
 SHARDS=${SHARDS:-data/digits-shards}
 RUN=${RUN:-runs/demo}
-EPOCHS=${EPOCHS:-3}
+EPOCHS=${EPOCHS:-5}
 # keep every Ray server on 127.0.0.1, and send the token the head requires (see README)
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
 

@@ -140,7 +140,7 @@ class _BaselineTransform:
         import numpy as np
         self.np, self.size, self.sigma = np, size, sigma
         self.mean, self.std = np.array(pca["mean"], np.float32), np.array(pca["std"], np.float32)
-        self.P, self.scale = np.array(pca["eigenvectors"]), np.sqrt(pca["eigenvalues"])
+        self.P, self.scale = np.array(pca["eigenvectors"]), np.sqrt(np.maximum(pca["eigenvalues"], 0))
 
     def __call__(self, sample):
         import random
