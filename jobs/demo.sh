@@ -15,33 +15,45 @@ EPOCHS=${EPOCHS:-5}
 # keep every Ray server on 127.0.0.1, and send the token the head requires (see README)
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
 
+# Each long step runs in the background and is waited for: a trapped signal interrupts `wait` at
+# once, while a foreground child that catches Ctrl-C itself (as `ray job submit` does) would keep
+# the script going. On any exit the step in flight is stopped, and Ray if this script started it.
+child="" ray_started=""
+cleanup() {
+    [ -n "$child" ] && kill "$child" 2>/dev/null
+    [ -n "$ray_started" ] && ray stop --force >/dev/null 2>&1
+    return 0
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+step() { "$@" & child=$!; wait "$child"; child=""; }
+
 echo "== 1/4 sample tree: $DATA"
-python -m pipeline.sample --out "$DATA"
+step python -m pipeline.sample --out "$DATA"
 
 echo "== 2/4 preprocessing on a Ray head at 127.0.0.1 -> $SHARDS"
 if ! ray start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 --disable-usage-stats \
-        --num-cpus "$(nproc)" >/tmp/demo-ray-start.log 2>&1; then
-    cat /tmp/demo-ray-start.log
+        --num-cpus "$(nproc)" >"${TMPDIR:-/tmp}/demo-ray-start.log" 2>&1; then
+    cat "${TMPDIR:-/tmp}/demo-ray-start.log"
     echo "demo: could not start a Ray head (is one already running here? \`ray stop\`, then make demo again)" >&2
     exit 1
 fi
-trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
-trap 'exit 130' INT TERM
-ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+ray_started=1
+step ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
     python jobs/preprocess.py --src "$(realpath "$DATA")" --out "$(realpath -m "$SHARDS")"
 ray stop --force >/dev/null 2>&1
-trap - EXIT
+ray_started=""
 
 echo "== 3/4 training: $RUN"
 resume=()
 [ -f "$RUN/checkpoint.pt" ] && resume=(--resume)
 # The paper's recipe (N(0, 0.01) init, SGD at 0.01) sits at chance on these digits for many epochs;
 # the quick recipe is PyTorch's default init and Adam at 1e-4, with a constant lr.
-python -m trainer.run --shards "$SHARDS" --out "$RUN" --epochs "$EPOCHS" --batch-size 32 \
+step python -m trainer.run --shards "$SHARDS" --out "$RUN" --epochs "$EPOCHS" --batch-size 32 \
     --init torch --optimizer adam --lr 1e-4 --lr-patience 100 --log-every 15 "${resume[@]}"
 
 echo "== 4/4 input-pipeline benchmark"
-python -m pipeline.bench --shards "$SHARDS" --batch-size 32 --seconds 5 --json "$RUN/bench.json" | tee "$RUN/bench.txt"
+step python -m pipeline.bench --shards "$SHARDS" --batch-size 32 --seconds 5 --json "$RUN/bench.json"
 
 python - "$RUN" "$SHARDS" <<'PY'
 import json, sys
@@ -54,5 +66,5 @@ demo: done. val top-1 error {100 * epoch['top1']:.1f}% (centre crop), {100 * fin
   shards      {shards}/ (manifest.json, pca.json, rejects.jsonl)
   run folder  {run}/ (config.json, metrics.jsonl, checkpoint.pt)
   pictures    {run}/kernels.png, {run}/curves.png
-  benchmark   {run}/bench.txt, {run}/bench.json""")
+  benchmark   {run}/bench.json (the table above)""")
 PY
