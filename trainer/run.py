@@ -285,6 +285,9 @@ def main(argv=None):
     run = Run(config)
     if config.resume:
         run.load()
+        if run.epoch >= config.epochs:
+            log.info("%s has already trained %d epochs (--epochs %d): nothing to do", out, run.epoch, config.epochs)
+            return 0
         log.info("resumed %s at epoch %d step %d", out, run.epoch + 1, run.epoch_step)
     else:
         (out / "metrics.jsonl").unlink(missing_ok=True)
