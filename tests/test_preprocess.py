@@ -155,3 +155,25 @@ def test_planted_inputs_rejected_or_written_correctly(planted, tmp_path, ray_hea
     assert near(images["palette"][left], RED) and near(images["palette"][right], BLUE)
     assert near(images["gray16"], (156, 156, 156), tol=2)  # 40000 >> 8
     assert near(images["rotated"][top], RED) and near(images["rotated"][bottom], BLUE)  # EXIF applied
+
+
+def test_flat_val_folder_with_a_labels_file(tmp_path, ray_head):
+    src = make_tree(tmp_path / "src", classes=("n01", "n02"), train=3, val=0)
+    flat = src / "val"
+    flat.mkdir(exist_ok=True)
+    rng = np.random.default_rng(5)
+    for name in ("ILSVRC_1.JPEG", "ILSVRC_2.JPEG", "ILSVRC_3.JPEG", "stray.JPEG"):
+        Image.fromarray(picture(rng, 300, 280, 0)).save(flat / name, "JPEG")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("ILSVRC_1.JPEG n02\nILSVRC_2.JPEG n01\nILSVRC_3.JPEG n02\nmissing.JPEG n01\n")
+    out = tmp_path / "out"
+    result = preprocess(src, out, "--val-labels", labels, "--max-reject-fraction", 0.5, address=ray_head)
+    assert "written 9 of 11 inputs; rejected 2 (unlabelled 1, unreadable 1)" in result.stderr
+    manifest = verify(out)
+    (shard,) = manifest["splits"]["val"]["shards"]
+    got = {key.split("_", 1)[1]: int(f["cls"]) for key, f in iter_samples(out / shard["name"])}
+    assert got == {"ILSVRC_1": 1, "ILSVRC_2": 0, "ILSVRC_3": 1}
+
+    labels.write_text("ILSVRC_1.JPEG n09\n")
+    failed = preprocess(src, out, "--val-labels", labels, address=ray_head, check=False)
+    assert failed.returncode == 1 and "class 'n09' is not a folder of train/" in failed.stderr
