@@ -1,5 +1,5 @@
 # make test: .venv with the project installed, then the whole test suite (what CI runs).
-# make demo: the whole job on scikit-learn's handwritten digits (jobs/demo.sh), ~15 min on 2 CPU cores.
+# make demo: the whole job on scikit-learn's handwritten digits (jobs/demo.sh), ~11 min on 2 CPU cores.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
