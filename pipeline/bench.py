@@ -33,8 +33,8 @@ def bench_preprocess(src, cores):
     import cv2
     import ray
 
-    from pipeline.images import decode_rgb, encode_jpeg, read_bytes, resize_center_crop
-    from pipeline.preprocess import Rejected, Settings, run, scan
+    from pipeline.images import Rejected, decode_rgb, encode_jpeg, read_bytes, resize_center_crop
+    from pipeline.preprocess import Settings, run, scan
 
     cv2.setNumThreads(1)
     _, splits = scan(src)

@@ -9,6 +9,7 @@ logged step and per epoch), checkpoint.pt, kernels.png (conv1, per tower) and cu
 """
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -68,6 +69,8 @@ def parse_args(argv=None) -> Config:
         if getattr(config, name) not in allowed:
             p.error(f"--{name} must be one of {allowed}, not {getattr(config, name)!r}")
     config.device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if config.gpus == 2 and config.device != "cuda":
+        p.error("--gpus 2 places the towers on two CUDA GPUs: it needs --device cuda")
     if config.gpus == 2 and torch.cuda.device_count() < 2:
         p.error(f"--gpus 2 needs two CUDA GPUs; this machine has {torch.cuda.device_count()}")
     config.out = config.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
@@ -137,7 +140,7 @@ class Run:
         """Training batches without end: a capped epoch (--steps-per-epoch) and the loader's epoch
         need not coincide."""
         if self._batches is None:
-            self._batches = (batch for _ in iter(int, 1) for batch in self.train)
+            self._batches = (batch for _ in itertools.count() for batch in self.train)
         return self._batches
 
     def train_loader(self, state=None):
