@@ -83,6 +83,9 @@ def test_a_short_run_writes_its_run_folder(shards, tmp_path):
     assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "scheduler", "rng", "loader"}
     assert cv2.imread(str(out / "kernels.png")).shape[0] > 100 and cv2.imread(str(out / "curves.png")) is not None
 
+    other = train(shards, out, "--epochs", 2, "--batch-size", 4, "--resume", check=False)
+    assert other.returncode == 2 and "was trained with --batch-size 8, not 4" in other.stderr
+
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path):
     out = tmp_path / "run"

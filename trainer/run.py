@@ -285,6 +285,13 @@ def main(argv=None):
     if config.resume and not (out / "checkpoint.pt").exists():
         log.error("--resume: %s has no checkpoint.pt to continue from", out)
         return 2
+    if config.resume and (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text())
+        for key in ("shards", "batch_size", "seed", "augment", "gpus"):  # what the saved state depends on
+            if saved.get(key) != getattr(config, key):
+                log.error("--resume: %s was trained with --%s %s, not %s: resume with the same, or start "
+                          "a new --out", out, key.replace("_", "-"), saved.get(key), getattr(config, key))
+                return 2
     run = Run(config)
     if config.resume:
         run.load()
