@@ -81,13 +81,14 @@ class Run:
     """One training run: model, optimiser, loaders, and the run folder they report to."""
 
     def __init__(self, config: Config):
+        """A new run, or with config.resume the one in config.out, restored from its checkpoint."""
         from pipeline import build_loader  # the data half; the trainer only sees torch tensors
         from pipeline.manifest import read_manifest
 
         self.config, self.out = config, Path(config.out)
+        self.classes = len(read_manifest(config.shards)["classes"])  # ShardDirError before any work
         self.out.mkdir(parents=True, exist_ok=True)
-        manifest = read_manifest(config.shards)
-        self.classes = len(manifest["classes"])
+        self.checkpoint_path = self.out / "checkpoint.pt"
         gpu = config.device == "cuda"
         self.device = torch.device("cuda:0" if gpu else "cpu")
         devices = ["cuda:0", "cuda:1"] if config.gpus == 2 else [self.device]
@@ -101,13 +102,18 @@ class Run:
                           else torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay))
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience)
+        self.epoch, self.step, self.epoch_step = 0, 0, 0
+        loader_state = self.load() if config.resume else None
         self.loader_options = dict(device=self.device, channels_last=gpu,
                                    dtype=torch.bfloat16 if gpu else torch.float32)
-        self.train = self.train_loader()
+        self.train = build_loader(config.shards, "train", config.batch_size, seed=config.seed,
+                                  state=loader_state, crops="random" if config.augment else "center",
+                                  fancy_pca_sigma=config.fancy_pca_sigma, **self.loader_options)
         self.val = build_loader(config.shards, "val", config.batch_size, crops="center", **self.loader_options)
-        self.epoch, self.step, self.epoch_step = 0, 0, 0
         self.steps = min(len(self.train), config.steps_per_epoch or len(self.train))
-        self.checkpoint_path = self.out / "checkpoint.pt"
+        # training batches without end: a capped epoch (--steps-per-epoch) and the loader's epoch
+        # need not coincide
+        self.batches = (batch for _ in itertools.count() for batch in self.train)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -124,7 +130,8 @@ class Run:
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint_path)
 
-    def load(self):
+    def load(self) -> dict:
+        """Restore everything but the loader from the checkpoint; -> the loader's state."""
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -133,23 +140,7 @@ class Run:
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.train = self.train_loader(state={"dali": state["loader"].numpy().tobytes()})
-
-    @property
-    def batches(self):
-        """Training batches without end: a capped epoch (--steps-per-epoch) and the loader's epoch
-        need not coincide."""
-        if self._batches is None:
-            self._batches = (batch for _ in itertools.count() for batch in self.train)
-        return self._batches
-
-    def train_loader(self, state=None):
-        from pipeline import build_loader
-        config = self.config
-        self._batches = None
-        return build_loader(config.shards, "train", config.batch_size, seed=config.seed, state=state,
-                            crops="random" if config.augment else "center",
-                            fancy_pca_sigma=config.fancy_pca_sigma, **self.loader_options)
+        return {"dali": state["loader"].numpy().tobytes()}
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -248,15 +239,12 @@ class Run:
                         lr=self.optimizer.param_groups[0]["lr"], **stats)
             self.save()
             self.pictures()
-        result = {"top1": top1, "top5": top5} if config.epochs else {}
         if config.ten_crop:
             from pipeline import build_loader
             ten = build_loader(config.shards, "val", config.batch_size, crops="ten", **self.loader_options)
             top1, top5 = self.evaluate(ten, ten_crop=True)
             log.info("ten-crop: val top-1 error %.2f%%, top-5 error %.2f%%", 100 * top1, 100 * top5)
             self.metric(kind="final", epoch=self.epoch, top1_ten_crop=top1, top5_ten_crop=top5)
-            result.update(top1_ten_crop=top1, top5_ten_crop=top5)
-        return result
 
 
 def git_commit():
@@ -271,13 +259,7 @@ def main(argv=None):
     config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from pipeline.manifest import ShardDirError
-    from pipeline.verify import verify
 
-    try:
-        verify(config.shards, deep=False)
-    except ShardDirError as e:
-        log.error("%s", e)
-        return 2
     out = Path(config.out)
     if (out / "checkpoint.pt").exists() and not config.resume:
         log.error("%s already holds a run: pass --resume to continue it, or choose another --out", out)
@@ -292,9 +274,12 @@ def main(argv=None):
                 log.error("--resume: %s was trained with --%s %s, not %s: resume with the same, or start "
                           "a new --out", out, key.replace("_", "-"), saved.get(key), getattr(config, key))
                 return 2
-    run = Run(config)
+    try:
+        run = Run(config)  # the loaders refuse a shard folder that does not match its manifest
+    except ShardDirError as e:
+        log.error("%s", e)
+        return 2
     if config.resume:
-        run.load()
         if run.epoch >= config.epochs:
             log.info("%s has already trained %d epochs (--epochs %d): nothing to do", out, run.epoch, config.epochs)
             return 0
