@@ -12,8 +12,9 @@ DATA=${DATA:-data/digits}
 SHARDS=${SHARDS:-data/digits-shards}
 RUN=${RUN:-runs/demo}
 EPOCHS=${EPOCHS:-5}
-# keep every Ray server on 127.0.0.1, and send the token the head requires (see README)
+# keep every Ray server on 127.0.0.1, with token auth and a token of this demo's own (see README)
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
+export RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:-$(python -c "import secrets; print(secrets.token_hex(32))")}
 
 # Each long step runs in the background and is waited for: a trapped signal interrupts `wait` at
 # once, while a foreground child that catches Ctrl-C itself (as `ray job submit` does) would keep

@@ -1,5 +1,6 @@
 """Fixtures: small generated image trees, a real Ray head on 127.0.0.1, and the job run on them."""
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -9,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 # Every Ray server on 127.0.0.1 (`--node-ip-address 127.0.0.1` alone still binds the public
-# address), and the token the head requires sent by every client. Subprocesses inherit both.
+# address), and token auth with a token of this session's own: `ray start` in token mode needs one,
+# and without token mode a ~/.ray/auth_token left on the machine would turn auth on for the head
+# but not for its clients. Subprocesses inherit all of it.
 os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"  # as if the venv were activated: `python` in a job
