@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
+from pipeline.lock import FolderLock, LockHeld  # noqa: E402
 from pipeline.preprocess import JobFailed, Settings, run  # noqa: E402
 
 log = logging.getLogger("preprocess")
@@ -49,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--src", required=True, help="tree with train/<class>/<file> and val/<class>/<file>")
     p.add_argument("--out", required=True, help="output folder for shards, manifest, pca.json, rejects")
     p.add_argument("--val-labels", help="val/ is flat; this file has lines '<filename> <class>'")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="a tree without val/: hold out this share of every class of train/ as val (seeded)")
     p.add_argument("--size", type=int, default=defaults["size"], help="output side in pixels")
     p.add_argument("--quality", type=int, default=defaults["quality"], help="JPEG quality (1-100)")
     p.add_argument("--shard-size", type=int, default=defaults["shard_size"], help="samples per shard")
@@ -63,6 +66,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 1 <= args.quality <= 100:
         p.error("--quality must be within 1..100")
+    if not 0 <= args.val_fraction < 1:
+        p.error("--val-fraction must be within [0, 1)")
     if args.size < 1 or args.shard_size < 1 or args.max_pixels < 1:
         p.error("--size, --shard-size and --max-pixels must be positive")
     if "runtime_resources" in os.getcwd():  # a `ray job submit --working-dir` job runs in a copy
@@ -83,20 +88,22 @@ def main(argv=None):
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
-    if args.address:
-        ray.init(address=args.address, log_to_driver=True)
-    else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
     settings = Settings(size=args.size, quality=args.quality, shard_size=args.shard_size,
                         seed=args.seed, max_pixels=args.max_pixels)
     try:
-        manifest = run(args.src, args.out, settings, args.val_labels, args.max_reject_fraction,
-                       progress=ProgressBar())
-    except JobFailed as e:
+        with FolderLock(args.out) as lock:  # before Ray starts: a second run on --out refuses at once
+            if args.address:
+                ray.init(address=args.address, log_to_driver=True)
+            else:
+                ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+            try:
+                manifest = run(args.src, args.out, settings, args.val_labels, args.max_reject_fraction,
+                               args.val_fraction, progress=ProgressBar(), lock=lock)
+            finally:
+                ray.shutdown()
+    except (JobFailed, LockHeld) as e:
         log.error("%s", e)
         return 1
-    finally:
-        ray.shutdown()
     totals = manifest["totals"]
     log.info("done: %d samples in %s (%d train, %d val shards); manifest %s",
              totals["written"], args.out, len(manifest["splits"]["train"]["shards"]),

@@ -33,16 +33,15 @@ def bench_preprocess(src, cores):
     import cv2
     import ray
 
-    from pipeline.images import Rejected, decode_rgb, encode_jpeg, read_bytes, resize_center_crop
+    from pipeline.images import Rejected, decode_square, encode_jpeg, read_bytes, resize_center_crop
     from pipeline.preprocess import Settings, run, scan
 
     cv2.setNumThreads(1)
-    _, splits = scan(src)
-    paths = [Path(src) / rel for items in splits.values() for rel, _ in items]
+    paths = [Path(src) / rel for items in scan(src).splits.values() for rel, _ in items]
     start = time.perf_counter()
     for path in paths:
         try:
-            encode_jpeg(resize_center_crop(decode_rgb(read_bytes(path))))
+            encode_jpeg(resize_center_crop(decode_square(read_bytes(path))))
         except Rejected:
             pass
     single = len(paths) / (time.perf_counter() - start)

@@ -34,10 +34,14 @@ def read_bytes(path) -> bytes:
     return data
 
 
-def decode_rgb(data: bytes, size: int = 256, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Any image Pillow (or failing that OpenCV) can read -> [H, W, 3] uint8 RGB, EXIF-oriented.
+def decode_square(data: bytes, size: int = 256, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Any image Pillow (or failing that OpenCV) can read -> its central square, [S, S, 3] uint8
+    RGB, EXIF-oriented, S the shorter side (JPEGs may be decoded at 1/2, 1/4 or 1/8 scale, S >= size).
 
-    Transparent images are composited on white. 16-bit images keep their high byte.
+    The square is cut from the decoded image before anything else is done to it, so that the work
+    and memory an input costs are bounded by its pixels whatever its shape: a 30000 x 2 strip costs
+    a 2 x 2 square, not a 3.8M x 256 image. Transparent images are composited on white; 16-bit
+    images keep their high byte.
     """
     try:
         img = Image.open(io.BytesIO(data))
@@ -54,11 +58,21 @@ def decode_rgb(data: bytes, size: int = 256, max_pixels: int = MAX_PIXELS) -> np
     img.draft(None, (w * size // min(w, h), h * size // min(w, h)))
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if img.width != img.height:  # each step below copies at most the square, and only if it must
+            img = img.crop(_square_box(*img.size))
+        # the central square of an image is the central square of any of its EXIF rotations
+        ImageOps.exif_transpose(img, in_place=True)
     except Exception as e:
         category = "truncated" if "truncated" in str(e) else "corrupt"
         raise Rejected(category, f"{img.format} does not decode ({e})") from None
     return _to_rgb8(img)
+
+
+def _square_box(w: int, h: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the central min(w, h) square."""
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return left, top, left + side, top + side
 
 
 def _decode_with_opencv(data: bytes, max_pixels: int) -> np.ndarray:
@@ -68,6 +82,8 @@ def _decode_with_opencv(data: bytes, max_pixels: int) -> np.ndarray:
         raise Rejected("not-an-image", "neither Pillow nor OpenCV recognises the content")
     if bgr.shape[0] * bgr.shape[1] > max_pixels:
         raise Rejected("bomb", f"{bgr.shape[1]}x{bgr.shape[0]} exceeds the cap of {max_pixels}")
+    left, top, right, bottom = _square_box(bgr.shape[1], bgr.shape[0])
+    bgr = bgr[top:bottom, left:right]
     if bgr.dtype == np.uint16:
         bgr = (bgr >> 8).astype(np.uint8)
     if bgr.dtype != np.uint8:
@@ -80,24 +96,22 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
         high_byte = (np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
         return np.repeat(high_byte[..., None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
-        alpha = rgba[..., 3:] / 255.0
-        return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, img.convert("RGBA")).convert("RGB"))
     try:
-        return np.asarray(img.convert("RGB"))
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except Exception as e:
         raise Rejected("unsupported", f"mode {img.mode} does not convert to RGB ({e})") from None
 
 
 def resize_center_crop(rgb: np.ndarray, size: int = 256) -> np.ndarray:
-    """Shorter side to `size`, then the central size x size (paper, section 2)."""
-    h, w = rgb.shape[:2]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-    resized = cv2.resize(rgb, (nw, nh), interpolation=interpolation)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return np.ascontiguousarray(resized[top:top + size, left:left + size])
+    """The central square, resized to size x size: the paper's "shorter side to 256, then the
+    central 256x256" (section 2), computed on the square alone. Area interpolation when shrinking,
+    bicubic when enlarging."""
+    left, top, right, bottom = _square_box(rgb.shape[1], rgb.shape[0])
+    square = rgb[top:bottom, left:right]
+    interpolation = cv2.INTER_AREA if square.shape[0] > size else cv2.INTER_CUBIC
+    return cv2.resize(np.ascontiguousarray(square), (size, size), interpolation=interpolation)
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:

@@ -7,11 +7,14 @@
                          shards hold it, in [0, 1] units
     rejects.jsonl        one {"path", "reason"} per input that was not written
     manifest.json        written last: classes, per split the shards (name, index, samples, bytes,
-                         sha256), totals (inputs, written, rejected, rejected_by_reason), settings, tool
+                         sha256, index_sha256), totals (inputs, written, rejected, rejected_by_reason,
+                         skipped_hidden), settings, tool
     .parts/              one record per finished shard, so that a rerun resumes
+    .lock                held by the run writing the folder (pipeline.lock)
 """
 import json
 import os
+import uuid
 from pathlib import Path
 
 MANIFEST, PCA, REJECTS, PARTS = "manifest.json", "pca.json", "rejects.jsonl", ".parts"
@@ -25,7 +28,7 @@ class ShardDirError(Exception):
 def write_json(path, obj):
     """Write JSON under a temporary name, fsync, rename: readers see the old file or the new one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # a name no other writer uses
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")

@@ -5,20 +5,23 @@ JPEG it wrote once more, renames the shard into place and then writes a record o
 `.parts/`; the record is what a rerun trusts (after checking the shard's sha256), so a run
 killed at any moment resumes and ends with the same bytes as an uninterrupted one.
 """
+import errno
 import hashlib
 import json
 import logging
-import os
 import re
-import time
+import shutil
+import uuid
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import __version__
-from pipeline.images import MAX_PIXELS, Rejected, decode_jpeg, decode_rgb, encode_jpeg, read_bytes, \
+from pipeline.lock import FolderLock
+from pipeline.images import MAX_PIXELS, Rejected, decode_jpeg, decode_square, encode_jpeg, read_bytes, \
     resize_center_crop
 from pipeline.manifest import MANIFEST, PARTS, PCA, REJECTS, SPLITS, write_json
 from pipeline.pca import Moments
@@ -42,35 +45,57 @@ class JobFailed(Exception):
     """The job ran but its result must not be used; the message says why and what to do."""
 
 
-def scan(src, val_labels=None):
-    """-> (classes, {split: [(relative path, class index or -1 if unlabelled)]}), sorted by path."""
+@dataclass
+class Tree:
+    classes: list  # sorted folder names of train/; a class's index is its position
+    splits: dict  # {split: [(relative path, class index or -1 if unlabelled)]}, sorted by path
+    hidden: list  # relative paths of entries whose names start with "." (.ipynb_checkpoints, .DS_Store): skipped
+
+
+def scan(src, val_labels=None, val_fraction=0.0, seed=0) -> Tree:
+    """The inputs of a tree. val_fraction: hold out this share of every class of train/ as val
+    (seeded), for a tree without val/."""
     src = Path(src)
     train = src / "train"
     if not train.is_dir():
         raise JobFailed(f"{train} is not a folder: --src must hold train/<class>/<image files>")
-    classes = sorted(d.name for d in train.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in _visible(train, []) if d.is_dir())  # hidden ones counted below
+    hidden = []
     if not classes:
         raise JobFailed(f"{train} has no class folders: expected train/<class>/<image files>")
     index = {c: i for i, c in enumerate(classes)}
-    splits = {"train": _class_folders(src, "train", index), "val": []}
+    splits = {"train": _class_folders(src, "train", index, hidden), "val": []}
+    has_val = val_labels is not None or (src / "val").is_dir()
+    if val_fraction and has_val:
+        raise JobFailed(f"--val-fraction holds out part of train/ for a tree without val/, and {src} has one: "
+                        f"drop --val-fraction, or the val/ folder")
     if val_labels is not None:
-        splits["val"] = _flat_folder(src / "val", Path(val_labels), index)
-    elif (src / "val").is_dir():
-        splits["val"] = _class_folders(src, "val", index)
-    return classes, splits
+        splits["val"] = _flat_folder(src / "val", Path(val_labels), index, hidden)
+    elif has_val:
+        splits["val"] = _class_folders(src, "val", index, hidden)
+    elif val_fraction:
+        splits["train"], splits["val"] = _hold_out(splits["train"], val_fraction, seed)
+    return Tree(classes, splits, hidden)
 
 
-def _class_folders(src, split, index):
+def _visible(folder, hidden):
+    """The entries of `folder` whose names do not start with "."; the others are added to `hidden`."""
+    entries = sorted(folder.iterdir())
+    hidden += [str(p) for p in entries if p.name.startswith(".")]
+    return [p for p in entries if not p.name.startswith(".")]
+
+
+def _class_folders(src, split, index, hidden):
     items = []
-    for folder in sorted(p for p in (src / split).iterdir() if p.is_dir()):
+    for folder in (p for p in _visible(src / split, hidden) if p.is_dir()):
         if folder.name not in index:
             raise JobFailed(f"{folder} names a class that train/ does not have")
         items += [(f"{split}/{folder.name}/{f.name}", index[folder.name])
-                  for f in sorted(folder.iterdir()) if not f.is_dir()]
+                  for f in _visible(folder, hidden) if not f.is_dir()]
     return items
 
 
-def _flat_folder(folder, labels_file, index):
+def _flat_folder(folder, labels_file, index, hidden):
     labels = {}
     for n, line in enumerate(labels_file.read_text().splitlines(), 1):
         if not line.strip():
@@ -79,8 +104,22 @@ def _flat_folder(folder, labels_file, index):
         if cls not in index:
             raise JobFailed(f"{labels_file}:{n}: class {cls!r} is not a folder of train/")
         labels[name.strip()] = index[cls]
-    names = {f.name for f in folder.iterdir() if not f.is_dir()} if folder.is_dir() else set()
+    names = {f.name for f in _visible(folder, hidden) if not f.is_dir()} if folder.is_dir() else set()
     return [(f"val/{name}", labels.get(name, -1)) for name in sorted(names | labels.keys())]
+
+
+def _hold_out(items, fraction, seed):
+    """-> (train, val): round(fraction * n) of each class's n items to val, chosen by a seeded draw."""
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: the shard permutation uses `seed`
+    by_class = {}
+    for item in items:
+        by_class.setdefault(item[1], []).append(item)
+    val = []
+    for cls in sorted(by_class):
+        group = by_class[cls]
+        val += [group[i] for i in rng.permutation(len(group))[:round(fraction * len(group))]]
+    chosen = set(val)
+    return [item for item in items if item not in chosen], sorted(val)
 
 
 def sample_key(position: int, rel_path: str) -> str:
@@ -112,8 +151,25 @@ def write_shard(spec, src, out, settings: Settings) -> dict:
 
     import cv2
     cv2.setNumThreads(1)  # one task per core already
+    # Names of this attempt's own: when Ray runs a task again while an attempt it believes dead
+    # still writes, neither writes into the other's files, and the last to finish wins whole.
+    attempt = uuid.uuid4().hex[:12]
+    tmp_tar, tmp_idx = out / f".{name}.{attempt}.tar.tmp", out / f".{name}.{attempt}.idx.tmp"
+    try:
+        record = _write_samples(spec, src, settings, tmp_tar, tmp_idx)
+        if record["samples"]:
+            replace_atomically(tmp_tar, tar_path)
+            replace_atomically(tmp_idx, idx_path)
+        write_json(record_path, record)
+    finally:  # a failed attempt (a full disk, say) leaves nothing behind
+        tmp_tar.unlink(missing_ok=True)
+        tmp_idx.unlink(missing_ok=True)
+    return {**record, "resumed": False}
+
+
+def _write_samples(spec, src, settings, tmp_tar, tmp_idx) -> dict:
+    """Write the shard's samples to tmp_tar and tmp_idx; -> its record (without writing it)."""
     moments, rejects = Moments(), []
-    tmp_tar, tmp_idx = out / f".{name}.tar.tmp", out / f".{name}.idx.tmp"
     writer = ShardWriter(tmp_tar, tmp_idx)
     for key, rel, cls in spec["items"]:
         path = src / rel
@@ -126,20 +182,13 @@ def write_shard(spec, src, out, settings: Settings) -> dict:
             moments.add_image(decoded)
         writer.write(key, {"cls": str(cls).encode(), "jpg": jpeg})
     writer.close()
-
-    record = {"name": name, "split": spec["split"], "fingerprint": spec["fingerprint"],
+    record = {"name": spec["name"], "split": spec["split"], "fingerprint": spec["fingerprint"],
               "inputs": len(spec["items"]), "samples": len(writer), "rejects": rejects,
               "moments": asdict(moments)}
     if len(writer):
         record.update(bytes=tmp_tar.stat().st_size, sha256=sha256_file(tmp_tar),
                       index_sha256=sha256_file(tmp_idx))
-        replace_atomically(tmp_tar, tar_path)
-        replace_atomically(tmp_idx, idx_path)
-    else:
-        tmp_tar.unlink()
-        tmp_idx.unlink()
-    write_json(record_path, record)
-    return {**record, "resumed": False}
+    return record
 
 
 def _sample(path, cls, settings):
@@ -149,7 +198,7 @@ def _sample(path, cls, settings):
         raise Rejected("unlabelled", "not listed in --val-labels")
     data = read_bytes(path)
     try:
-        rgb = decode_rgb(data, settings.size, settings.max_pixels)
+        rgb = decode_square(data, settings.size, settings.max_pixels)
         jpeg = encode_jpeg(resize_center_crop(rgb, settings.size), settings.quality)
     except Rejected:
         raise
@@ -179,17 +228,31 @@ def _finished(record_path, tar_path, idx_path, fingerprint):
     return record if intact else None
 
 
-def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01, progress=None):
+def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01, val_fraction=0.0,
+        progress=None, lock=None):
     """Preprocess `src` into `out` on the Ray cluster this process is connected to.
 
-    progress(shards_done, shards_total, images_processed) is called as shards finish.
-    Returns the manifest; raises JobFailed if rejects exceed `max_reject_fraction`.
+    progress(shards_done, shards_total, images_processed) is called as shards finish. lock: the
+    FolderLock on `out` the caller holds already; without one, run() takes it.
+    Returns the manifest; raises JobFailed if rejects exceed `max_reject_fraction`, if the disk
+    fills up, or LockHeld if another run is writing `out`.
     """
+    out = Path(out)
+    tree = scan(src, val_labels, val_fraction, settings.seed)
+    if tree.hidden:
+        log.info("skipped %d hidden entries (names starting with '.'), e.g. %s", len(tree.hidden), tree.hidden[0])
+    specs = [spec for split in SPLITS for spec in plan(split, tree.splits[split], settings)]
+    with nullcontext(lock) if lock else FolderLock(out) as lock:
+        records = _write_shards(specs, src, out, settings, progress)
+        try:
+            return _finish(out, src, tree, records, settings, val_labels, val_fraction, max_reject_fraction, lock)
+        except OSError as e:  # the driver's own writes: rejects, pca.json, the manifest
+            raise JobFailed(_write_failed(out, e, specs, {r["name"]: r for r in records}, settings.size)) from None
+
+
+def _write_shards(specs, src, out, settings, progress) -> list[dict]:
     import ray
 
-    out = Path(out)
-    classes, splits = scan(src, val_labels)
-    specs = [spec for split in SPLITS for spec in plan(split, splits[split], settings)]
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the manifest is only ever there for a finished run
     _remove_stale(out, {spec["name"] for spec in specs})
@@ -202,7 +265,15 @@ def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
-            record = ray.get(ref)
+            try:
+                record = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                if not isinstance(cause, OSError):
+                    raise
+                for other in pending:
+                    ray.cancel(other)
+                raise JobFailed(_write_failed(out, cause, specs, records, settings.size)) from None
             records[pending.pop(ref)] = record
             processed += 0 if record["resumed"] else record["inputs"]
         if progress:
@@ -211,7 +282,35 @@ def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01
     resumed = sum(r["resumed"] for r in records)
     if resumed:
         log.info("%d of %d shards were already complete and verified: kept", resumed, len(records))
-    return _finish(out, src, classes, records, settings, val_labels, max_reject_fraction)
+    return records
+
+
+# A 256 x 256 JPEG at quality 90 of a photo: ~25 KB, 0.38 bytes a pixel (ImageNet-shaped test data)
+JPEG_BYTES_PER_PIXEL = 0.38
+
+
+def _write_failed(out, error, specs, records, size) -> str:
+    """One line for a write into `out` that failed: a full disk says how much more it needs."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return (f"writing into {out} failed: {error.strerror or error} ({error.filename or out}); "
+                f"fix that and run the same command again: finished shards are kept")
+    finished = [r for r in records.values() if r["samples"]]
+    per_sample = (sum(r["bytes"] for r in finished) / sum(r["samples"] for r in finished) if finished
+                  else JPEG_BYTES_PER_PIXEL * size ** 2)
+    remaining = sum(len(spec["items"]) for spec in specs if spec["name"] not in records)
+    written = sum(r["bytes"] for r in finished)
+    free = shutil.disk_usage(out).free
+    return (f"no space left on the device of {out}: {len(records)} of {len(specs)} shards written "
+            f"({_size(written)}), about {_size(remaining * per_sample)} more needed for the other {remaining:,} "
+            f"samples, {_size(free)} free now. Free space (or choose another --out) and run the same command "
+            f"again: the finished shards are kept")
+
+
+def _size(n) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 1e3:,.1f} kB"
 
 
 def _remove_stale(out, planned):
@@ -225,7 +324,7 @@ def _remove_stale(out, planned):
                 path.unlink()
 
 
-def _finish(out, src, classes, records, settings, val_labels, max_reject_fraction):
+def _finish(out, src, tree, records, settings, val_labels, val_fraction, max_reject_fraction, lock):
     rejects = [reject for r in records for reject in r["rejects"]]
     with open(out / f".{REJECTS}.tmp", "w") as f:
         f.writelines(json.dumps(reject) + "\n" for reject in rejects)
@@ -240,6 +339,13 @@ def _finish(out, src, classes, records, settings, val_labels, max_reject_fractio
         raise JobFailed(f"{len(rejects)} of {inputs} inputs rejected ({len(rejects) / inputs:.1%}), "
                         f"more than --max-reject-fraction {max_reject_fraction:g}: see {out / REJECTS}; "
                         f"fix or remove those inputs, or raise --max-reject-fraction, and run again")
+    for r in records:  # nothing but this run wrote here since (a stray writer would have changed a size)
+        tar = out / f"{r['name']}.tar"
+        if r["samples"] and (not tar.exists() or tar.stat().st_size != r["bytes"]):
+            raise JobFailed(f"{tar} changed while this run wrote {out}: another writer was at work; "
+                            f"run the same command again")
+    if not lock.holds():
+        raise JobFailed(f"another run took {out / '.lock'} over while this one wrote: run the same command again")
 
     moments = Moments()
     for r in records:
@@ -248,12 +354,12 @@ def _finish(out, src, classes, records, settings, val_labels, max_reject_fractio
     write_json(out / PCA, moments.pca())
     manifest = {
         "tool": f"alexnet-pipeline {__version__}",
-        "classes": classes,
-        "settings": {**asdict(settings), "src": str(src),
+        "classes": tree.classes,
+        "settings": {**asdict(settings), "src": str(src), "val_fraction": val_fraction,
                      "val_labels": None if val_labels is None else str(val_labels)},
         "splits": {split: _split_entry([r for r in records if r["split"] == split]) for split in SPLITS},
         "totals": {"inputs": inputs, "written": written, "rejected": len(rejects),
-                   "rejected_by_reason": by_reason},
+                   "rejected_by_reason": by_reason, "skipped_hidden": len(tree.hidden)},
     }
     write_json(out / MANIFEST, manifest)
     return manifest
@@ -261,5 +367,6 @@ def _finish(out, src, classes, records, settings, val_labels, max_reject_fractio
 
 def _split_entry(records):
     shards = [{"name": f"{r['name']}.tar", "index": f"{r['name']}.idx", "samples": r["samples"],
-               "bytes": r["bytes"], "sha256": r["sha256"]} for r in records if r["samples"]]
+               "bytes": r["bytes"], "sha256": r["sha256"], "index_sha256": r["index_sha256"]}
+              for r in records if r["samples"]]
     return {"samples": sum(s["samples"] for s in shards), "shards": shards}

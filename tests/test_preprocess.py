@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -16,7 +17,7 @@ from PIL import Image
 
 from conftest import BIN, REPO, make_tree, picture, preprocess, wait_for
 from pipeline.manifest import ShardDirError
-from pipeline.shards import iter_samples
+from pipeline.shards import iter_samples, sha256_file
 from pipeline.verify import verify
 
 
@@ -37,7 +38,8 @@ def test_ray_job_submit_on_a_real_head(tree, tmp_path, ray_head):
     manifest = verify(out)
     assert manifest["classes"] == ["n01", "n02", "n03"]
     assert manifest["splits"]["train"]["samples"] == 24 and manifest["splits"]["val"]["samples"] == 9
-    assert manifest["totals"] == {"inputs": 33, "written": 33, "rejected": 0, "rejected_by_reason": {}}
+    assert manifest["totals"] == {"inputs": 33, "written": 33, "rejected": 0, "rejected_by_reason": {},
+                                  "skipped_hidden": 0}
     assert [s["samples"] for s in manifest["splits"]["train"]["shards"]] == [4] * 6
     labels = {int(f["cls"]) for s in manifest["splits"]["train"]["shards"] for _, f in iter_samples(out / s["name"])}
     assert labels == {0, 1, 2}
@@ -177,3 +179,199 @@ def test_flat_val_folder_with_a_labels_file(tmp_path, ray_head):
     labels.write_text("ILSVRC_1.JPEG n09\n")
     failed = preprocess(src, out, "--val-labels", labels, address=ray_head, check=False)
     assert failed.returncode == 1 and "class 'n09' is not a folder of train/" in failed.stderr
+
+
+def many_small_images(root, classes=3, per_class=10, seed=0, side=500):
+    """train/<class>/<i>.JPEG of side x side: enough work that a job runs for a few seconds."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = Path(root) / "train" / f"c{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(picture(rng, side, side, c)).save(folder / f"{i}.JPEG", quality=95)
+    return Path(root)
+
+
+def test_a_second_run_on_the_same_out_refuses_at_once(tmp_path, ray_head):
+    src = many_small_images(tmp_path / "src", per_class=20)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "jobs/preprocess.py", "--src", src, "--out", out, "--shard-size", 1, "--address", ray_head]
+    first = subprocess.Popen([*map(str, cmd)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: (out / ".lock").exists() or first.poll() is not None)
+        second = preprocess(src, out, "--shard-size", 1, address=ray_head, check=False)
+        assert first.poll() is None, "the first run ended before the second could try"
+        assert second.returncode == 1
+        assert f"{out} is in use by pid {first.pid}" in second.stderr and "Wait for it to finish" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        log, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, log
+    assert verify(out)["totals"]["written"] == 60
+    assert not (out / ".lock").exists() and not list(out.glob(".*.tmp"))
+
+
+def test_a_lock_is_taken_over_only_from_a_dead_holder(tmp_path, caplog):
+    from pipeline.lock import STALE_S, FolderLock, LockHeld
+
+    out = tmp_path / "out"
+    out.mkdir()
+    live = {"host": "elsewhere", "pid": 1, "token": "t1", "since": "then", "command": "preprocess on elsewhere"}
+    (out / ".lock").write_text(json.dumps(live))
+    with pytest.raises(LockHeld, match="in use by pid 1 on elsewhere"):  # another host's fresh heartbeat
+        FolderLock(out).acquire()
+
+    old = (out / ".lock").stat().st_mtime - STALE_S - 5
+    os.utime(out / ".lock", (old, old))  # its heartbeat stopped
+    with FolderLock(out) as lock:
+        assert lock.holds() and "no heartbeat for" in caplog.text
+        with pytest.raises(LockHeld, match=f"in use by pid {os.getpid()}"):
+            FolderLock(out).acquire()
+    assert not (out / ".lock").exists()
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".lock").write_text(json.dumps({**live, "host": os.uname().nodename, "pid": int(dead.stdout)}))
+    with FolderLock(out):  # this host's holder has exited: taken over at once
+        assert f"its process {int(dead.stdout)} is gone" in caplog.text
+
+
+def _write_shard_in_a_process(args):
+    from pipeline.preprocess import write_shard
+
+    barrier, spec, src, out, settings = args
+    barrier.wait()
+    return write_shard(spec, src, out, settings)
+
+
+def test_two_attempts_at_one_shard_never_mix_their_bytes(tmp_path):
+    """Ray may run a task again while an attempt it believes dead still writes."""
+    import multiprocessing
+
+    from pipeline.preprocess import Settings, plan, scan
+
+    src = many_small_images(tmp_path / "src", per_class=12, side=700)
+    settings = Settings(shard_size=36)
+    (spec,) = plan("train", scan(src).splits["train"], settings)
+    out = tmp_path / "out"
+    (out / ".parts").mkdir(parents=True)
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        barrier = multiprocessing.get_context("fork").Manager().Barrier(2)
+        records = pool.map(_write_shard_in_a_process, [(barrier, spec, str(src), str(out), settings)] * 2)
+    assert [r["resumed"] for r in records] == [False, False], "both attempts wrote the shard"
+    assert records[0]["sha256"] == records[1]["sha256"]
+    tar = out / f"{spec['name']}.tar"
+    assert sha256_file(tar) == records[0]["sha256"] and tar.stat().st_size == records[0]["bytes"]
+    assert len(list(iter_samples(tar))) == 36
+    assert sorted(p.name for p in out.iterdir()) == [".parts", f"{spec['name']}.idx", f"{spec['name']}.tar"]
+
+
+def strip(h, w, centre, rest):
+    """[h, w, 3]: `rest`, with its central min(h, w) square in `centre`."""
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = rest
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    img[top:top + side, left:left + side] = centre
+    return img
+
+
+PEAK_RSS = """
+import sys
+from pipeline.images import decode_square, read_bytes, resize_center_crop
+def status(field):  # kB; VmHWM is this process's own peak (ru_maxrss carries the parent's over a fork)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+resize_center_crop(decode_square(read_bytes(sys.argv[2])))  # OpenCV's and Pillow's first-call costs
+data = read_bytes(sys.argv[1])
+before = status("VmRSS:")
+out = resize_center_crop(decode_square(data))
+print(1024 * (status("VmHWM:") - before), *out[128, 128])
+"""
+
+
+def test_an_extreme_shape_costs_only_its_central_square(tmp_path, ray_head):
+    src = make_tree(tmp_path / "src", classes=("n01",), train=3, val=0)
+    folder = src / "train" / "n01"
+    Image.fromarray(strip(2, 30000, RED, BLUE)).save(folder / "wide.png")  # 180 KB: was 3.4 GB and 10 s
+    Image.fromarray(strip(30000, 2, GREEN, BLUE)).save(folder / "tall.png")
+    Image.fromarray(strip(1, 1_000_000, RED, BLUE)).save(folder / "line.png")  # was 196 GB
+    out = tmp_path / "out"
+    result = preprocess(src, out, address=ray_head)
+    assert "written 6 of 6 inputs; rejected 0" in result.stderr
+    images = {key.split("_", 1)[1]: cv2.imdecode(np.frombuffer(f["jpg"], np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+              for key, f in iter_samples(out / "train-000000.tar")}
+    for name, colour in [("wide", RED), ("tall", GREEN), ("line", RED)]:
+        assert images[name].shape == (256, 256, 3)
+        assert np.abs(images[name].reshape(-1, 3).astype(int) - colour).max() < 8, name  # the square alone
+
+    peak = subprocess.run([sys.executable, "-c", PEAK_RSS, folder / "line.png", folder / "n01_0.JPEG"], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    grew, *pixel = map(int, peak.stdout.split())
+    # 9-45 MB seen (allocator noise); resizing the whole line first would need 196 GB
+    assert grew < 256 * 2**20 and np.abs(np.array(pixel) - RED).max() < 8
+
+
+def test_hidden_entries_are_skipped_and_val_is_held_out_per_class(tmp_path, ray_head):
+    src = make_tree(tmp_path / "src", classes=("n01", "n02"), train=10, val=0)
+    shutil.rmtree(src / "val")
+    hidden = src / "train" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    Image.fromarray(picture(np.random.default_rng(1), 300, 300, 0)).save(hidden / "copy.png")
+    (src / "train" / "n01" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1" + b"\0" * 100)
+    (src / "train" / "n03").mkdir()
+    for i in range(4):  # a third class of 4: 0.25 of it is 1
+        Image.fromarray(picture(np.random.default_rng(i), 300, 300, 2)).save(src / "train" / "n03" / f"x{i}.png")
+    out = tmp_path / "out"
+    result = preprocess(src, out, "--val-fraction", 0.25, address=ray_head)
+    assert "skipped 2 hidden entries (names starting with '.')" in result.stderr
+    manifest = verify(out)
+    assert manifest["classes"] == ["n01", "n02", "n03"]
+    assert manifest["totals"]["skipped_hidden"] == 2 and manifest["totals"]["rejected"] == 0
+
+    def keys(folder, split):
+        return sorted((int(f["cls"]), key.split("_", 1)[1]) for s in json.loads((folder / "manifest.json")
+                      .read_text())["splits"][split]["shards"] for key, f in iter_samples(folder / s["name"]))
+
+    val, train = keys(out, "val"), keys(out, "train")
+    assert [sum(1 for c, _ in val if c == cls) for cls in range(3)] == [2, 2, 1]  # round(0.25 n) of 10, 10, 4
+    assert len(train) + len(val) == 24 and not set(train) & set(val)
+
+    again = tmp_path / "again"
+    preprocess(src, again, "--val-fraction", 0.25, address=ray_head)
+    assert keys(again, "val") == val  # seeded
+    other = tmp_path / "other"
+    preprocess(src, other, "--val-fraction", 0.25, "--seed", 1, address=ray_head)
+    assert keys(other, "val") != val
+
+    both = preprocess(make_tree(tmp_path / "with-val"), tmp_path / "x", "--val-fraction", 0.25, check=False,
+                      address=ray_head)
+    assert both.returncode == 1 and "--val-fraction holds out part of train/ for a tree without val/" in both.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 kB tmpfs; skipped where this user cannot mount one."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", folder], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", folder], check=True)
+
+
+def test_a_full_disk_says_so_in_one_line_and_the_rerun_resumes(tmp_path, small_disk, ray_head):
+    src = many_small_images(tmp_path / "src", per_class=10, side=300)
+    out = small_disk / "shards"
+    full = preprocess(src, out, "--shard-size", 2, address=ray_head, check=False)
+    assert full.returncode == 1 and "Traceback" not in full.stderr
+    (line,) = [line for line in full.stderr.splitlines() if "ERROR" in line]
+    assert f"no space left on the device of {out}:" in line and "B more needed for the other" in line
+    assert "run the same command again: the finished shards are kept" in line
+    assert not (out / "manifest.json").exists() and not list(out.glob(".*.tmp"))
+    kept = len(list(out.glob("*.tar")))
+
+    subprocess.run(["mount", "-o", "remount,size=16m", small_disk], check=True)
+    result = preprocess(src, out, "--shard-size", 2, address=ray_head)
+    assert "shards were already complete and verified: kept" in result.stderr and kept > 0
+    assert verify(out)["totals"]["written"] == 30

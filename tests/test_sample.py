@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 from sklearn.datasets import load_digits
 
-from pipeline.images import decode_rgb, read_bytes
+from pipeline.images import decode_square, read_bytes
 from pipeline.sample import write_digits
 
 
@@ -21,7 +21,7 @@ def test_digits_tree_is_a_stratified_split_of_all_scans(tmp_path):
     assert Counter(p.suffix for p in files) .keys() == {".png", ".jpg", ".bmp"}
     scans = load_digits().images
     for path in files[:40]:
-        rgb = decode_rgb(read_bytes(path))
+        rgb = decode_square(read_bytes(path))
         assert rgb.shape == (8, 8, 3)
         if path.suffix != ".jpg":  # lossless: the scan itself, 0..16 -> 0..255
             expected = np.round(scans[int(path.stem)] / 16 * 255)
