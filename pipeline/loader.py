@@ -22,10 +22,16 @@ normalisation: out = (x/255 + offset - mean) / std = (x - 255 (mean - offset)) /
 crops="center" takes the central 227x227; crops="ten" the four corners and the centre, then the same
 five mirrored, in the order top-left, top-right, bottom-left, bottom-right, centre.
 
+Order (crops="random"): every epoch the tar files are read in a new order (DALI's
+shuffle_after_epoch, seeded by `seed` and so the same on every rank), and a shuffle buffer of
+`shuffle_buffer` samples reorders the samples as they stream by. A shard holds a seeded mix of all
+classes (jobs/preprocess.py), so the order of the shards is what makes one epoch unlike the last:
+with a buffer alone, consecutive epochs come in nearly the same order. Evaluation (center, ten)
+reads in stored order.
+
 Sharding: rank r of world_size reads the r-th of world_size equal slices of the samples (DALI's
 reader sharding), padded so that every rank yields len(loader) batches; the padding is dropped,
 so each rank's last batch may be partial and every sample is seen once per epoch across ranks.
-Each epoch a rank moves on to the next slice, and a shuffle buffer reorders samples within it.
 """
 import os
 
@@ -91,7 +97,9 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
             index_paths=[os.path.join(shards, e["index"]) for e in entries],
             ext=["jpg", "cls"], missing_component_behavior="error", name="reader",
             shard_id=rank, num_shards=world_size, pad_last_batch=True, stick_to_shard=False,
-            random_shuffle=crops == "random", initial_fill=shuffle_buffer)
+            random_shuffle=crops == "random", initial_fill=shuffle_buffer,
+            # a new order of the tar files every epoch, the same on every rank (the seed is shared)
+            shuffle_after_epoch=crops == "random", shuffle_after_epoch_seed=seed)
         images = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
         labels = fn.pad(cls, shape=[LABEL_DIGITS], fill_value=0)
 

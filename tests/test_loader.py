@@ -181,3 +181,51 @@ def test_gpu_pipeline_matches_cpu(shards):
         # nvJPEG and libjpeg-turbo may differ by a few levels per pixel: compare means and maxima
         diff = (images.float().cpu() - cpu[0]).abs()
         assert diff.mean() < 0.02 and diff.max() < 0.5
+
+
+def rank_correlation(a, b):
+    """Spearman's rho of the positions of the same keys in two orders."""
+    where = {key: i for i, key in enumerate(b)}
+    return np.corrcoef(np.arange(len(a)), [where[key] for key in a])[0, 1]
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory, ray_head):
+    """600 training samples in 600 shards: ImageNet's 1,282 shards in miniature (tiny images)."""
+    from PIL import Image
+
+    from conftest import preprocess
+
+    src = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 200), ("val", 1)):
+        for c in range(3):
+            folder = src / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path_factory.mktemp("many-shards")
+    preprocess(src, out, "--shard-size", 1, address=ray_head)
+    return out
+
+
+def epoch_orders(shards, epochs, **kwargs):
+    loader = build_loader(shards, batch_size=16, with_params=True, **kwargs)
+    return [[key for _, _, info in loader for key in info["keys"]] for _ in range(epochs)]
+
+
+def test_consecutive_epochs_come_in_unrelated_orders(many_shards):
+    # ImageNet: a 4,096-sample buffer over 1.28 M samples, 0.0032 of the data; here 2 of 600
+    orders = epoch_orders(many_shards, 5, shuffle_buffer=2, seed=0)
+    assert all(sorted(order) == sorted(orders[0]) and len(order) == 600 for order in orders)
+    rhos = [rank_correlation(a, b) for a, b in zip(orders, orders[1:])]
+    assert np.mean(np.abs(rhos)) < 0.1, rhos  # a buffer alone gives rho = 1.00 here (0.98 at 18 shards)
+    assert epoch_orders(many_shards, 3, shuffle_buffer=2, seed=0) == orders[:3]  # deterministic for a seed
+    assert epoch_orders(many_shards, 2, shuffle_buffer=2, seed=1)[1] != orders[1]
+
+
+def test_ranks_split_every_reshuffled_epoch(many_shards):
+    loaders = [build_loader(many_shards, batch_size=16, rank=r, world_size=3, with_params=True) for r in range(3)]
+    for epoch in range(3):
+        keys = [key for loader in loaders for _, _, info in loader for key in info["keys"]]
+        assert len(keys) == len(set(keys)) == 600, f"epoch {epoch + 1}"
