@@ -4,14 +4,29 @@
     python -m pipeline.verify shards/ --no-deep  # counts and sizes only
 
 Exits non-zero with a message naming the first problem.
+
+`verify_checksums` is the check the trainer makes before its first step: the sha256 of every shard
+and index file against the manifest, hashed on all cores, and remembered in `.verified.json` (in the
+shard folder, or under ~/.cache where that is read-only) by file name, size, inode, mtime and ctime,
+so that a second run on the same shards starts at once and a file changed since is hashed again
+(writing a file changes its ctime, whatever its mtime is set back to). A file changed in the last
+SETTLED_S seconds is hashed but not remembered.
 """
 import argparse
+import hashlib
+import json
+import os
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline.images import decode_jpeg
-from pipeline.manifest import PCA, SPLITS, ShardDirError, read_manifest
+from pipeline.manifest import PCA, SPLITS, ShardDirError, read_manifest, write_json
 from pipeline.shards import INDEX_VERSION, iter_samples, sha256_file
+
+VERIFIED = ".verified.json"
+SETTLED_S = 2  # seconds since its last change before a file's check is remembered
 
 
 def verify(shards, deep=True) -> dict:
@@ -38,6 +53,68 @@ def verify(shards, deep=True) -> dict:
             if deep:
                 _verify_contents(tar, shard, size, classes, redo)
     return manifest
+
+
+def verify_checksums(shards, manifest, threads=None) -> dict:
+    """Raise ShardDirError naming every shard or index file whose sha256 is not the manifest's;
+    -> {"hashed": files hashed now, "remembered": files whose earlier check still holds}."""
+    shards = Path(shards)
+    expected = {shard[name_key]: shard[sha_key] for split in SPLITS for shard in manifest["splits"][split]["shards"]
+                for name_key, sha_key in (("name", "sha256"), ("index", "index_sha256")) if sha_key in shard}
+    memory_path = _memory_path(shards)
+    memory = _read_memory(memory_path)
+    stats = {name: _identity(shards / name) for name in expected}
+    todo = [name for name in expected if memory.get(name) != {**stats[name], "sha256": expected[name]}]
+    with ThreadPoolExecutor(threads or len(os.sched_getaffinity(0))) as pool:  # hashlib releases the GIL
+        digests = dict(zip(todo, pool.map(sha256_file, [shards / name for name in todo])))
+    bad = sorted(name for name, digest in digests.items() if digest != expected[name])
+    memory = {name: entry for name, entry in memory.items() if name in expected and name not in bad}
+    # git's "racy" rule: on a file system whose clock is coarse (1 s on some), a file changed within
+    # the same tick as its check would keep its ctime; only a file older than that is remembered
+    settled = time.time_ns() - SETTLED_S * 1e9
+    memory.update({name: {**stats[name], "sha256": digest} for name, digest in digests.items()
+                   if name not in bad and stats[name]["ctime_ns"] < settled})
+    _write_memory(memory_path, memory)
+    if bad:
+        raise ShardDirError(
+            f"{len(bad)} file(s) in {shards} do not match their sha256 in the manifest (damaged or changed "
+            f"since preprocessing): {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}. Run the preprocessing "
+            f"into {shards} again (it redoes exactly the damaged shards), or `python -m pipeline.verify {shards}` "
+            f"to see what is wrong; --no-verify-shards skips this check")
+    return {"hashed": len(todo), "remembered": len(expected) - len(todo)}
+
+
+def _identity(path) -> dict:
+    """What changes when a file does; a file that is missing raises ShardDirError."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ShardDirError(f"{path} is missing: run the preprocessing into {path.parent} again") from None
+    return {"size": st.st_size, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _memory_path(shards) -> Path:
+    """.verified.json in the shard folder; under ~/.cache for a folder this process cannot write."""
+    if os.access(shards, os.W_OK):
+        return shards / VERIFIED
+    key = hashlib.sha256(str(shards.resolve()).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alexnet-pipeline" / "verified"
+    return cache / f"{key}.json"
+
+
+def _read_memory(path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_memory(path, memory):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, memory)
+    except OSError:  # a cache that cannot be written costs the next run time, nothing else
+        pass
 
 
 def _verify_contents(tar, shard, size, classes, redo):

@@ -1,6 +1,7 @@
 """python -m trainer.run on generated shards, on the CPU: learning, crash and resume, its run folder."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,3 +108,43 @@ def test_refuses_bad_input_with_a_message(shards, args, message):
     args = [str(shards) if a == "SHARDS" else a for a in args]
     result = subprocess.run([sys.executable, "-m", "trainer.run", *args], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and message in result.stderr
+
+
+def flip_jpeg_bytes(tar, count=5):
+    """16 bytes inside each of the first `count` JPEGs of a shard: its size stays, its sha256 does not."""
+    from pipeline.shards import iter_samples
+
+    data = bytearray(tar.read_bytes())
+    for _, files in list(iter_samples(tar))[:count]:
+        at = data.find(files["jpg"]) + len(files["jpg"]) // 2
+        data[at:at + 16] = bytes(255 - b for b in data[at:at + 16])
+    tar.write_bytes(bytes(data))
+
+
+def test_a_damaged_shard_is_refused_before_the_first_step(shards, tmp_path):
+
+
+    folder = tmp_path / "shards"
+    shutil.copytree(shards, folder)
+    flip_jpeg_bytes(folder / "train-000001.tar")
+    args = ["--epochs", 1, "--batch-size", 4, "--steps-per-epoch", 1, "--no-ten-crop"]
+    result = train(folder, tmp_path / "run", *args, check=False)
+    assert result.returncode == 2 and "step" not in result.stderr
+    assert "do not match their sha256 in the manifest" in result.stderr and "train-000001.tar" in result.stderr
+    assert f"Run the preprocessing into {folder} again" in result.stderr and "Traceback" not in result.stderr
+
+    skipped = train(folder, tmp_path / "unchecked", *args, "--no-verify-shards")  # for those who verify elsewhere
+    assert "sha256" not in skipped.stderr and "epoch 1: train loss" in skipped.stderr
+
+
+def test_shards_without_val_train_on_the_training_loss(tmp_path, ray_head):
+    tiny = tmp_path / "shards"
+    src = make_tree(tmp_path / "tree", train=3, val=0)
+    shutil.rmtree(src / "val")
+    preprocess(src, tiny, address=ray_head)
+    out = tmp_path / "run"
+    result = train(tiny, out, "--epochs", 2, "--batch-size", 4, "--log-every", 1)
+    assert result.stderr.count("has no val split: training without validation") == 1
+    assert "epoch 2: train loss" in result.stderr and "no val split" in result.stderr
+    assert "ten-crop" not in result.stderr and "Traceback" not in result.stderr
+    assert [m["top1"] for m in metrics(out, "epoch")] == [None, None]

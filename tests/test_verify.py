@@ -1,7 +1,9 @@
 """python -m pipeline.verify names the first problem of a damaged shard folder."""
+import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -32,3 +34,32 @@ def test_damage_is_named(shards, tmp_path, damage, message):
     result = run_verify(folder)
     assert result.returncode == 1
     assert message in result.stderr
+
+
+def test_checksums_are_remembered_until_a_file_changes(shards, tmp_path):
+    from pipeline.manifest import ShardDirError, read_manifest
+    from pipeline.verify import SETTLED_S, verify_checksums
+
+    folder = tmp_path / "copy"
+    shutil.copytree(shards, folder)
+    manifest = read_manifest(folder)
+    files = 2 * sum(len(manifest["splits"][s]["shards"]) for s in ("train", "val"))  # a tar and an idx each
+    assert verify_checksums(folder, manifest) == {"hashed": files, "remembered": 0}
+    assert verify_checksums(folder, manifest) == {"hashed": files, "remembered": 0}  # too fresh to remember
+    time.sleep(SETTLED_S + 0.1)
+    assert verify_checksums(folder, manifest) == {"hashed": files, "remembered": 0}
+    assert verify_checksums(folder, manifest) == {"hashed": 0, "remembered": files}
+
+    tar = folder / "train-000002.tar"
+    stat = tar.stat()
+    with open(tar, "r+b") as f:  # 16 bytes inside the first JPEG inverted, same size, mtime set back
+        f.seek(2000)
+        flipped = bytes(255 - b for b in f.read(16))
+        f.seek(2000)
+        f.write(flipped)
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(ShardDirError, match=r"1 file\(s\) in .* do not match their sha256 .*: train-000002.tar\. "
+                                            r"Run the preprocessing"):
+        verify_checksums(folder, manifest)
+    with pytest.raises(ShardDirError, match="train-000002.tar"):  # a damaged file is never remembered as good
+        verify_checksums(folder, manifest)

@@ -52,6 +52,7 @@ class Config:
     checkpoint_minutes: float = 10.0  # besides the one at each epoch's end
     steps_per_epoch: int = 0  # cap on training steps per epoch (0: the whole epoch)
     ten_crop: bool = True  # at the end: ten-crop top-1/top-5 error (section 4.1)
+    verify_shards: bool = True  # sha256 of every shard against the manifest before the first step
     resume: bool = False  # continue from the run folder's checkpoint
 
 
@@ -84,9 +85,17 @@ class Run:
         """A new run, or with config.resume the one in config.out, restored from its checkpoint."""
         from pipeline import build_loader  # the data half; the trainer only sees torch tensors
         from pipeline.manifest import read_manifest
+        from pipeline.verify import verify_checksums
 
         self.config, self.out = config, Path(config.out)
-        self.classes = len(read_manifest(config.shards)["classes"])  # ShardDirError before any work
+        manifest = read_manifest(config.shards)  # ShardDirError before any work
+        self.classes = len(manifest["classes"])
+        if config.verify_shards:
+            started = time.perf_counter()
+            checked = verify_checksums(config.shards, manifest)
+            log.info("sha256 of %d shard and index files: ok (%d hashed, %d unchanged since an earlier check) "
+                     "in %.1fs", checked["hashed"] + checked["remembered"], checked["hashed"],
+                     checked["remembered"], time.perf_counter() - started)
         self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.out / "checkpoint.pt"
         gpu = config.device == "cuda"
@@ -109,7 +118,12 @@ class Run:
         self.train = build_loader(config.shards, "train", config.batch_size, seed=config.seed,
                                   state=loader_state, crops="random" if config.augment else "center",
                                   fancy_pca_sigma=config.fancy_pca_sigma, **self.loader_options)
-        self.val = build_loader(config.shards, "val", config.batch_size, crops="center", **self.loader_options)
+        self.val = None
+        if manifest["splits"]["val"]["samples"]:
+            self.val = build_loader(config.shards, "val", config.batch_size, crops="center", **self.loader_options)
+        elif not config.resume:
+            log.warning("%s has no val split: training without validation, the lr following the training loss "
+                        "(jobs/preprocess.py --val-fraction holds part of train out as val)", config.shards)
         self.steps = min(len(self.train), config.steps_per_epoch or len(self.train))
         # training batches without end: a capped epoch (--steps-per-epoch) and the loader's epoch
         # need not coincide
@@ -220,7 +234,7 @@ class Run:
             for m in map(json.loads, f):
                 if m["kind"] == "step":
                     series["train loss"].append((m["step"] / self.steps, m["loss"]))
-                elif m["kind"] == "epoch":
+                elif m["kind"] == "epoch" and m["top1"] is not None:
                     series["top-1 error"].append((m["epoch"], m["top1"]))
                     series["top-5 error"].append((m["epoch"], m["top5"]))
         curves_png(self.out / "curves.png", series)
@@ -229,17 +243,19 @@ class Run:
         config = self.config
         while self.epoch < config.epochs:
             stats = self.train_epoch()
-            top1, top5 = self.evaluate(self.val)
-            self.scheduler.step(top1)
+            top1 = top5 = None
+            if self.val is not None:
+                top1, top5 = self.evaluate(self.val)
+            self.scheduler.step(stats["train_loss"] if top1 is None else top1)
             self.epoch, self.epoch_step = self.epoch + 1, 0
-            log.info("epoch %d: train loss %.4f, val top-1 error %.2f%%, top-5 error %.2f%%, "
-                     "%.1f img/s, data wait %.1f%%", self.epoch, stats["train_loss"], 100 * top1, 100 * top5,
-                     stats["img_s"], 100 * stats["data_wait"])
+            val = "no val split" if top1 is None else f"val top-1 error {100 * top1:.2f}%, top-5 error {100 * top5:.2f}%"
+            log.info("epoch %d: train loss %.4f, %s, %.1f img/s, data wait %.1f%%", self.epoch,
+                     stats["train_loss"], val, stats["img_s"], 100 * stats["data_wait"])
             self.metric(kind="epoch", epoch=self.epoch, step=self.step, top1=top1, top5=top5,
                         lr=self.optimizer.param_groups[0]["lr"], **stats)
             self.save()
             self.pictures()
-        if config.ten_crop:
+        if config.ten_crop and self.val is not None:
             from pipeline import build_loader
             ten = build_loader(config.shards, "val", config.batch_size, crops="ten", **self.loader_options)
             top1, top5 = self.evaluate(ten, ten_crop=True)
