@@ -74,7 +74,9 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path):
     with pytest.raises(ShardDirError, match="manifest.json is missing"):
         verify(out)
 
+    assert (out / ".lock").exists()  # the killed run's
     result = preprocess(src, out, *args)
+    assert f"took over {out / '.lock'} from pid {job.pid}" in result.stderr and "is gone" in result.stderr
     assert "shards were already complete and verified: kept" in result.stderr
     assert outputs(out) == outputs(tmp_path / "clean")
 
