@@ -47,13 +47,15 @@ SOURCE_BYTES = 4096  # DALI's source_info (a shard path, offset and file name), 
 
 def build_loader(shards, split="train", batch_size=128, device="cpu", crops="random", seed=0, rank=0,
                  world_size=1, fancy_pca_sigma=0.1, fancy_pca_scale="sqrt", dtype=torch.float32,
-                 channels_last=False, shuffle_buffer=4096, num_threads=None, state=None, with_params=False):
+                 channels_last=False, shuffle_buffer=4096, num_threads=None, state=None, with_params=False,
+                 normalisation=None):
     """-> Loader over `split` of the shard folder `shards`.
 
     dtype: torch.float32, or on CUDA torch.float16 / torch.bfloat16. channels_last: NCHW tensors in
     channels-last memory (free: DALI writes HWC). state: a Loader.state_dict() to resume from.
     with_params: (crops="random") also yield {"keys": the samples' keys, "params": [B, 3] int64
-    (crop x, crop y, flipped)}, to check or replay what the augmentation did.
+    (crop x, crop y, flipped)}, to check or replay what the augmentation did. normalisation: {"mean",
+    "std"} to use instead of pca.json's (a checkpoint's own, evaluated on other shards).
     """
     if crops not in ("random", "center", "ten"):
         raise ValueError(f"crops must be 'random', 'center' or 'ten', not {crops!r}")
@@ -85,8 +87,8 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
     # offset per unit alpha, for component k: 255 * sigma * s_k * P[:, k], in pixel units
     directions = [[255.0 * fancy_pca_sigma * scale[k] * pca["eigenvectors"][c][k] for c in range(3)]
                   for k in range(3)]
-    mean255 = [255.0 * m for m in pca["mean"]]
-    std255 = [255.0 * s for s in pca["std"]]
+    mean255 = [255.0 * m for m in (normalisation or pca)["mean"]]
+    std255 = [255.0 * s for s in (normalisation or pca)["std"]]
     layout = "HWC" if channels_last else "CHW"
     out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
 
@@ -99,7 +101,7 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
             shard_id=rank, num_shards=world_size, pad_last_batch=True, stick_to_shard=False,
             random_shuffle=crops == "random", initial_fill=shuffle_buffer,
             # a new order of the tar files every epoch, the same on every rank (the seed is shared)
-            shuffle_after_epoch=crops == "random", shuffle_after_epoch_seed=seed)
+            **({"shuffle_after_epoch": True, "shuffle_after_epoch_seed": seed} if crops == "random" else {}))
         images = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
         labels = fn.pad(cls, shape=[LABEL_DIGITS], fill_value=0)
 
