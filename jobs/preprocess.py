@@ -19,29 +19,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from pipeline.lock import FolderLock, LockHeld  # noqa: E402
 from pipeline.preprocess import JobFailed, Settings, run  # noqa: E402
+from pipeline.progress import bar  # noqa: E402
 
 log = logging.getLogger("preprocess")
 
 
-class ProgressBar:
-    """shards done/total, images/s, ETA: redrawn in place on a terminal, a line every 5 s in a log."""
+class Progress:
+    """run()'s progress callback as a tqdm bar: shards done/total, images/s, ETA."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream, self.start, self.last = stream, time.monotonic(), 0.0
-        self.tty = stream.isatty()
+    def __init__(self):
+        self.bar, self.start = None, time.monotonic()
 
     def __call__(self, done, total, images):
-        now = time.monotonic()
-        if not self.tty and done not in (0, total) and now - self.last < 5:
-            return
-        self.last, elapsed = now, now - self.start
-        rate = images / elapsed if elapsed > 0 else 0.0
-        eta = f"{(total - done) * elapsed / done:,.0f}s" if done else "?"
-        filled = int(30 * done / max(total, 1))
-        line = (f"shards {done}/{total} [{'#' * filled}{'.' * (30 - filled)}] "
-                f"{rate:,.0f} img/s  ETA {eta}")
-        self.stream.write(("\r" + line + ("\n" if done == total else "")) if self.tty else line + "\n")
-        self.stream.flush()
+        if self.bar is None:
+            self.bar = bar(total=total, desc="shards", unit="shard")
+        elapsed = time.monotonic() - self.start
+        self.bar.set_postfix_str(f"{images / elapsed if elapsed else 0:,.0f} img/s", refresh=False)
+        self.bar.update(done - self.bar.n)
+        if done == total:
+            self.bar.close()
 
 
 def parse_args(argv=None):
@@ -98,7 +94,7 @@ def main(argv=None):
                 ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
             try:
                 manifest = run(args.src, args.out, settings, args.val_labels, args.max_reject_fraction,
-                               args.val_fraction, progress=ProgressBar(), lock=lock)
+                               args.val_fraction, progress=Progress(), lock=lock)
             finally:
                 ray.shutdown()
     except (JobFailed, LockHeld) as e:

@@ -34,7 +34,8 @@ def test_ray_job_submit_on_a_real_head(tree, tmp_path, ray_head):
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     log = result.stdout + result.stderr
-    assert "shards 9/9" in log and "written 33 of 33 inputs; rejected 0 (none)" in log
+    assert "shards: 100%|" in log and "9/9 [" in log and "\r" not in log  # tqdm, as plain lines in a log
+    assert "written 33 of 33 inputs; rejected 0 (none)" in log
     manifest = verify(out)
     assert manifest["classes"] == ["n01", "n02", "n03"]
     assert manifest["splits"]["train"]["samples"] == 24 and manifest["splits"]["val"]["samples"] == 9
