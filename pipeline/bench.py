@@ -3,7 +3,8 @@
     python -m pipeline.bench --src TREE      # the preprocessing job on all cores vs one bare loop
     python -m pipeline.bench --shards DIR    # the input pipeline beside what it must feed
 
-Figures are images per second. `--json FILE` writes the same figures as JSON. For --shards:
+Figures are images per second. `--json FILE` writes the same figures as JSON, `--plot FILE` draws
+them as a bar chart (PNG). For --shards:
   decode_only     DALI's decode of every training image to RGB uint8, nothing else: the ceiling
   train_pipeline  build_loader(crops="random") on the device, tensors handed over
   baseline        what a user writes today: webdataset + Pillow crop/flip/Fancy PCA/normalise in a
@@ -199,14 +200,43 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seconds", type=float, default=10.0, help="how long each --shards figure is measured")
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--plot", help="also draw the figures as a bar chart into this PNG")
     args = p.parse_args(argv)
     if args.shards:
         figures = bench_loader_report(args)
+        bars = {name: figures[name] for name in ("decode_only", "train_pipeline", "baseline", "model")}
+        title = f"input pipeline on {figures['device']}, batch {args.batch_size}, {args.cores} cores"
     else:
         figures = bench_preprocess_report(args)
+        bars = {"single-process loop": figures["single_loop"],
+                f"{figures['cores']} x single loop (linear)": figures["cores"] * figures["single_loop"],
+                f"Ray job on {figures['cores']} cores": figures["ray_job"]}
+        title = f"preprocessing {figures['images']:,} images"
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+    if args.plot:
+        plot(bars, title, args.plot)
     return 0
+
+
+def plot(bars, title, path):
+    """bars: {name: img/s} as horizontal bars on a log scale, each labelled with its figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 0.6 * len(bars) + 1.2), dpi=100)
+    names, values = list(bars)[::-1], list(bars.values())[::-1]
+    axes.barh(names, values, color="tab:blue")
+    axes.set(xscale="log", xlabel="images / s (log scale)", title=title)
+    for y, value in enumerate(values):
+        axes.text(value, y, f" {value:,.0f}", va="center")
+    axes.set_xlim(right=max(values) * 4)
+    axes.grid(True, axis="x", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
 
 
 def bench_loader_report(args):

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+from PIL import Image
+
 from conftest import BIN, REPO
 
 
@@ -28,7 +30,8 @@ def test_miniature_demo(tmp_path, ray_head):
     assert "epoch 1: train loss" in log and (out / "kernels.png").exists()
 
     log = run(sys.executable, "-m", "pipeline.bench", "--shards", shards, "--batch-size", 8, "--seconds", 0.5,
-              "--json", tmp_path / "loader.json")
+              "--json", tmp_path / "loader.json", "--plot", tmp_path / "loader.png")
+    assert Image.open(tmp_path / "loader.png").info["Software"].startswith("Matplotlib")
     figures = json.loads((tmp_path / "loader.json").read_text())
     assert set(figures) >= {"decode_only", "train_pipeline", "baseline", "model", "device"}
     assert all(figures[k] > 0 for k in ("decode_only", "train_pipeline", "baseline", "model"))

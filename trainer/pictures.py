@@ -1,48 +1,68 @@
-"""PNGs a person would rather look at than read: conv1's kernels (paper, figure 3) and the curves."""
-import cv2
-import numpy as np
+"""PNGs a person would rather look at than read: conv1's kernels (paper, figure 3) and the curves.
+
+Drawn with matplotlib's Agg backend: no display needed.
+"""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+import numpy as np  # noqa: E402
 
 
-def kernels_png(path, towers_weights, zoom=4, gap=2):
-    """towers_weights: per tower [48, 3, 11, 11] conv1 weights. One block of 6 x 8 kernels per tower,
-    tower 0 above tower 1 as in the paper's figure 3; each kernel scaled to 0..255 on its own."""
+def kernels_grid(towers_weights, gap=1) -> np.ndarray:
+    """towers_weights: per tower [48, 3, 11, 11] conv1 weights -> [H, W, 3] uint8: one block of
+    6 x 8 kernels per tower, tower 0 above tower 1 as in the paper's figure 3, each kernel scaled
+    to 0..255 on its own, white gaps, a grey band between the towers."""
     blocks = []
     for weights in towers_weights:
         w = weights.detach().float().cpu().numpy()
         lo, hi = w.min(axis=(1, 2, 3), keepdims=True), w.max(axis=(1, 2, 3), keepdims=True)
         tiles = ((w - lo) / np.maximum(hi - lo, 1e-12) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
-        k = tiles.shape[1] * zoom
-        rows, cols = 6, (len(tiles) + 5) // 6
+        n, k = len(tiles), tiles.shape[1]
+        rows, cols = 6, (n + 5) // 6
         block = np.full((rows * (k + gap) + gap, cols * (k + gap) + gap, 3), 255, np.uint8)
         for i, tile in enumerate(tiles):
             r, c = divmod(i, cols)
-            y, x = gap + r * (k + gap), gap + c * (k + gap)
-            block[y:y + k, x:x + k] = cv2.resize(tile, (k, k), interpolation=cv2.INTER_NEAREST)
+            block[gap + r * (k + gap):gap + r * (k + gap) + k, gap + c * (k + gap):gap + c * (k + gap) + k] = tile
         blocks.append(block)
-    separator = np.full((3 * gap, blocks[0].shape[1], 3), 128, np.uint8)
-    cv2.imwrite(str(path), cv2.cvtColor(np.vstack([blocks[0], separator, blocks[1]]), cv2.COLOR_RGB2BGR))
+    band = np.full((3 * gap, blocks[0].shape[1], 3), 128, np.uint8)
+    return np.vstack([blocks[0], band, blocks[1]])
 
 
-def curves_png(path, series, width=900, height=360):
-    """series: {name: [(x, y), ...]} drawn as lines in two panels: losses (left) and error rates in
-    [0, 1] (right), x in epochs."""
-    canvas = np.full((height, width, 3), 255, np.uint8)
-    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189)]
-    panels = [[n for n in series if "loss" in n], [n for n in series if "loss" not in n]]
-    for p, names in enumerate(panels):
-        x0, x1, y0, y1 = p * width // 2 + 50, (p + 1) * width // 2 - 15, 20, height - 40
-        cv2.rectangle(canvas, (x0, y0), (x1, y1), (0, 0, 0), 1)
-        points = [pt for n in names for pt in series[n]]
-        if not points:
-            continue
-        xmax = max(max(x for x, _ in points), 1e-9)
-        ymax = 1.0 if p == 1 else max(y for _, y in points) * 1.05 or 1.0
-        cv2.putText(canvas, f"{ymax:.3g}", (x0 - 48, y0 + 10), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
-        cv2.putText(canvas, f"epoch {xmax:.3g}", (x1 - 80, y1 + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
-        for i, name in enumerate(names):
-            pts = np.array([(x0 + (x1 - x0) * x / xmax, y1 - (y1 - y0) * min(y / ymax, 1.0)) for x, y in series[name]],
-                           np.int32)
-            colour = colours[i % len(colours)][::-1]
-            cv2.polylines(canvas, [pts], False, colour, 2 if len(pts) < 50 else 1, cv2.LINE_AA)
-            cv2.putText(canvas, name, (x0 + 8, y0 + 16 + 16 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA)
-    cv2.imwrite(str(path), canvas)
+def kernels_png(path, towers_weights):
+    grid = kernels_grid(towers_weights)
+    figure, axes = plt.subplots(figsize=(grid.shape[1] / 16, grid.shape[0] / 16 + 0.4), dpi=80)
+    axes.imshow(grid, interpolation="nearest")
+    axes.set_title("conv1 kernels: tower 0 (top), tower 1 (bottom)", fontsize=9)
+    axes.axis("off")
+    figure.savefig(path, bbox_inches="tight")
+    plt.close(figure)
+
+
+def curves_png(path, steps, epochs):
+    """steps: [(epoch as a fraction, training loss)]; epochs: [(epoch, top-1 error, top-5 error, lr)],
+    errors None without a val split. Loss on a log scale on the left, errors on the right, the epochs
+    after which the lr was divided marked on both."""
+    figure, (loss_axes, error_axes) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    if steps:
+        loss_axes.plot(*zip(*steps), color="tab:blue", linewidth=1, label="training loss")
+    loss_axes.set(yscale="log", xlabel="epoch", ylabel="cross-entropy loss (log scale)", title="training loss")
+    for axis in (loss_axes.yaxis.set_major_formatter, loss_axes.yaxis.set_minor_formatter):
+        axis(ticker.FormatStrFormatter("%.3g"))  # plain numbers, not 1.1 x 10^0, over a narrow range
+    scored = [e for e in epochs if e[1] is not None]
+    if scored:
+        x = [e[0] for e in scored]
+        error_axes.plot(x, [100 * e[1] for e in scored], "o-", color="tab:red", label="val top-1 error")
+        error_axes.plot(x, [100 * e[2] for e in scored], "s-", color="tab:green", label="val top-5 error")
+    error_axes.set(xlabel="epoch", ylabel="error (%)", ylim=(0, 100), title="validation error (centre crop)")
+    drops = [b[0] for a, b in zip(epochs, epochs[1:]) if b[3] < a[3]]
+    for axes in (loss_axes, error_axes):
+        for i, epoch in enumerate(drops):
+            axes.axvline(epoch, color="grey", linestyle="--", linewidth=1, label="lr divided" if i == 0 else None)
+        axes.grid(True, alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
