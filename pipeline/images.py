@@ -114,6 +114,22 @@ def resize_center_crop(rgb: np.ndarray, size: int = 256) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(square), (size, size), interpolation=interpolation)
 
 
+def to_sample(data: bytes, size: int = 256, quality: int = 90, max_pixels: int = MAX_PIXELS):
+    """An input file's bytes -> (the sample's JPEG, that JPEG decoded back: [size, size, 3] uint8 RGB),
+    or Rejected. The decode-back is the check that no JPEG that fails to decode reaches a shard (one
+    such stops a DALI pipeline for good), and it is what the network sees of the input."""
+    try:
+        jpeg = encode_jpeg(resize_center_crop(decode_square(data, size, max_pixels), size), quality)
+    except Rejected:
+        raise
+    except Exception as e:  # whatever a damaged input makes a decoder do, it stops only this input
+        raise Rejected("corrupt", f"{type(e).__name__}: {e}") from None
+    decoded = decode_jpeg(jpeg, rgb=False)
+    if decoded is None or decoded.shape != (size, size, 3):
+        raise Rejected("reencode", "the written JPEG did not decode back")
+    return jpeg, decoded[..., ::-1]  # BGR -> RGB as a view
+
+
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                            [cv2.IMWRITE_JPEG_QUALITY, quality])

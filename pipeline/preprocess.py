@@ -21,8 +21,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.lock import FolderLock
-from pipeline.images import MAX_PIXELS, Rejected, decode_jpeg, decode_square, encode_jpeg, read_bytes, \
-    resize_center_crop
+from pipeline.images import MAX_PIXELS, Rejected, read_bytes, to_sample
 from pipeline.manifest import MANIFEST, PARTS, PCA, REJECTS, SPLITS, write_json
 from pipeline.pca import Moments
 from pipeline.shards import ShardWriter, replace_atomically, sha256_file
@@ -192,22 +191,10 @@ def _write_samples(spec, src, settings, tmp_tar, tmp_idx) -> dict:
 
 
 def _sample(path, cls, settings):
-    """-> (JPEG bytes, the JPEG decoded back) or Rejected. The decode-back is the check that no
-    JPEG that fails to decode reaches a shard (one such stops a DALI pipeline for good)."""
+    """-> (JPEG bytes, the JPEG decoded back) or Rejected."""
     if cls < 0:
         raise Rejected("unlabelled", "not listed in --val-labels")
-    data = read_bytes(path)
-    try:
-        rgb = decode_square(data, settings.size, settings.max_pixels)
-        jpeg = encode_jpeg(resize_center_crop(rgb, settings.size), settings.quality)
-    except Rejected:
-        raise
-    except Exception as e:  # whatever a damaged input makes a decoder do, it stops only this input
-        raise Rejected("corrupt", f"{type(e).__name__}: {e}") from None
-    decoded = decode_jpeg(jpeg, rgb=False)
-    if decoded is None or decoded.shape != (settings.size, settings.size, 3):
-        raise Rejected("reencode", "the written JPEG did not decode back")
-    return jpeg, decoded[..., ::-1]  # BGR -> RGB as a view: the moments copy it anyway
+    return to_sample(read_bytes(path), settings.size, settings.quality, settings.max_pixels)
 
 
 def _finished(record_path, tar_path, idx_path, fingerprint):

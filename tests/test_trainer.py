@@ -9,6 +9,7 @@ import sys
 import cv2
 import pytest
 import torch
+from PIL import Image
 
 from conftest import REPO, make_tree, preprocess, wait_for
 
@@ -37,6 +38,17 @@ def test_overfits_a_tiny_set(tmp_path, ray_head):
     losses = [m["loss"] for m in metrics(out, "step")]
     assert len(losses) == 35 and losses[0] > 0.9  # ~ln 3 for 3 classes
     assert min(losses[-5:]) < 0.1 and losses[-1] < 0.25, losses  # from ln 3; Adam wobbles near zero
+
+    images = sorted((tmp_path / "tree" / "train").glob("*/*"))
+    (tmp_path / "broken.JPEG").write_bytes(b"\xff\xd8\xff" + b"\0" * 100)
+    cmd = [sys.executable, "-m", "trainer.predict", "--checkpoint", out / "checkpoint.pt", *images, tmp_path / "broken.JPEG"]
+    result = subprocess.run([*map(str, cmd)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and f"{tmp_path / 'broken.JPEG'}: not predicted: " in result.stderr
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert len(lines) == 9  # the broken file stopped nothing
+    for image in images:  # the overfit net names the class of each of its training images, first
+        first, probability = lines[str(image)].split(", ")[0].split()
+        assert first == image.parent.name and float(probability) > 0.5, lines[str(image)]
 
 
 def losses_by_step(out):
@@ -82,7 +94,34 @@ def test_a_short_run_writes_its_run_folder(shards, tmp_path):
     assert 0 <= final["top1_ten_crop"] <= 1
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "scheduler", "rng", "loader"}
-    assert cv2.imread(str(out / "kernels.png")).shape[0] > 100 and cv2.imread(str(out / "curves.png")) is not None
+    for png in ("kernels.png", "curves.png"):
+        assert Image.open(out / png).info["Software"].startswith("Matplotlib"), png
+    assert cv2.imread(str(out / "kernels.png")).shape[0] > 100
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(str(out))
+    board.Reload()
+    scalars = {tag: board.Scalars(tag) for tag in board.Tags()["scalars"]}
+    assert [e.step for e in scalars["train/loss"]] == [1, 2, 3]  # float32 in the events
+    assert [e.value for e in scalars["train/loss"]] == pytest.approx([m["loss"] for m in steps], rel=1e-6)
+    assert {"train/lr", "train/img_s", "train/data_wait", "val/top5_error", "val/top1_error_ten_crop"} <= set(scalars)
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in scalars["val/top1_error"]] == [(1, epoch["top1"])]
+    assert board.Tags()["images"] == ["conv1/kernels"] and len(board.Images("conv1/kernels")) == 1
+    assert "_hparams_/experiment" in board.PluginTagToContent("hparams")
+
+    def evaluate(*args):
+        cmd = [sys.executable, "-m", "trainer.evaluate", "--checkpoint", out / "checkpoint.pt", "--shards", shards]
+        result = subprocess.run([*map(str, cmd), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    total = json.loads((shards / "manifest.json").read_text())["splits"]["val"]["samples"]
+    centre, ten = evaluate(), evaluate("--ten-crop")
+    assert f"top-1 error {100 * epoch['top1']:.2f}% ({round(epoch['top1'] * total)} of {total})" in centre
+    assert f"top-5 error {100 * epoch['top5']:.2f}% ({round(epoch['top5'] * total)} of {total})" in centre
+    assert f"top-1 error {100 * final['top1_ten_crop']:.2f}% ({round(final['top1_ten_crop'] * total)} of" in ten
+    if epoch["top1"]:
+        assert "most often confused (true -> predicted):" in centre
 
     other = train(shards, out, "--epochs", 2, "--batch-size", 4, "--resume", check=False)
     assert other.returncode == 2 and "was trained with --batch-size 8, not 4" in other.stderr

@@ -5,7 +5,9 @@
     python -m trainer.run --shards shards/ --out runs/a --resume  # continue a killed run, mid-epoch too
 
 The run folder holds config.json (the resolved config and git commit), metrics.jsonl (one line per
-logged step and per epoch), checkpoint.pt, kernels.png (conv1, per tower) and curves.png.
+logged step and per epoch), TensorBoard's event files (`tensorboard --logdir runs/`), checkpoint.pt
+(with the class names, normalisation and preprocessing settings that trainer.evaluate and
+trainer.predict need), kernels.png (conv1, per tower) and curves.png.
 """
 import argparse
 import dataclasses
@@ -23,8 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from trainer.evaluate import errors
 from trainer.model import AlexNet
-from trainer.pictures import curves_png, kernels_png
+from trainer.pictures import curves_png, kernels_grid, kernels_png
 
 log = logging.getLogger("trainer")
 
@@ -83,13 +86,19 @@ class Run:
 
     def __init__(self, config: Config):
         """A new run, or with config.resume the one in config.out, restored from its checkpoint."""
+        from torch.utils.tensorboard import SummaryWriter
+
         from pipeline import build_loader  # the data half; the trainer only sees torch tensors
-        from pipeline.manifest import read_manifest
+        from pipeline.manifest import read_manifest, read_pca
         from pipeline.verify import verify_checksums
 
         self.config, self.out = config, Path(config.out)
         manifest = read_manifest(config.shards)  # ShardDirError before any work
-        self.classes = len(manifest["classes"])
+        self.class_names, pca = manifest["classes"], read_pca(config.shards)
+        self.classes = len(self.class_names)
+        # what trainer.evaluate and trainer.predict need, kept in every checkpoint
+        self.about = {"classes": self.class_names, "normalisation": {"mean": pca["mean"], "std": pca["std"]},
+                      "preprocessing": {k: manifest["settings"][k] for k in ("size", "quality", "max_pixels")}}
         if config.verify_shards:
             started = time.perf_counter()
             checked = verify_checksums(config.shards, manifest)
@@ -125,6 +134,10 @@ class Run:
             log.warning("%s has no val split: training without validation, the lr following the training loss "
                         "(jobs/preprocess.py --val-fraction holds part of train out as val)", config.shards)
         self.steps = min(len(self.train), config.steps_per_epoch or len(self.train))
+        # a resumed run's events from the steps it redoes are dropped by TensorBoard (purge_step)
+        self.board = SummaryWriter(self.out, purge_step=self.step + 1 if config.resume else None)
+        if not config.resume:
+            self.board_hparams()
         # training batches without end: a capped epoch (--steps-per-epoch) and the loader's epoch
         # need not coincide
         self.batches = (batch for _ in itertools.count() for batch in self.train)
@@ -139,7 +152,8 @@ class Run:
                  "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                  "epoch_step": self.epoch_step, "rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                 "loader": torch.frombuffer(bytearray(self.train.state_dict()["dali"]), dtype=torch.uint8)}
+                 "loader": torch.frombuffer(bytearray(self.train.state_dict()["dali"]), dtype=torch.uint8),
+                 **self.about}
         tmp = self.checkpoint_path.with_name(".checkpoint.pt.tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint_path)
@@ -193,6 +207,8 @@ class Run:
                          self.epoch + 1, self.epoch_step, self.steps, value, lr, rate, 100 * share, eta)
                 self.metric(kind="step", epoch=self.epoch + 1, step=self.step, loss=value, lr=lr,
                             img_s=rate, data_wait=share)
+                for name, figure in (("loss", value), ("lr", lr), ("img_s", rate), ("data_wait", share)):
+                    self.board.add_scalar(f"train/{name}", figure, self.step)
                 window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
             if time.monotonic() - last_checkpoint > 60 * config.checkpoint_minutes:
                 self.check_finite(loss.item())
@@ -208,59 +224,64 @@ class Run:
                 f"the training loss (or a weight) is {value} at epoch {self.epoch + 1} step {self.epoch_step}: stopped; "
                 f"the last good checkpoint ({self.checkpoint_path}) is kept. Try a lower --lr.")
 
-    @torch.no_grad()
     def evaluate(self, loader, ten_crop=False):
         """-> (top-1 error, top-5 error) on val; ten-crop averages the softmax over the 10 crops."""
-        model, first = self.model.eval(), self.model.devices[0]
-        wrong1 = wrong5 = total = 0
-        for images, labels in loader:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                if ten_crop:  # [B, 10, 3, 227, 227]
-                    b = images.shape[0]
-                    probs = model(images.flatten(0, 1)).float().softmax(1).view(b, 10, -1).mean(1)
-                else:
-                    probs = model(images).float()
-            top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
-            labels = labels.to(first)
-            wrong1 += (top5[:, 0] != labels).sum().item()
-            wrong5 += (top5 != labels[:, None]).all(1).sum().item()
-            total += len(labels)
-        return wrong1 / total, wrong5 / total
+        result = errors(self.model, loader, ten_crop, desc="ten-crop" if ten_crop else "val")
+        return result["top1"], result["top5"]
+
+    def board_hparams(self):
+        """The run's config as TensorBoard hparams, its metrics the val errors logged each epoch."""
+        from torch.utils.tensorboard.summary import hparams
+
+        config = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "resume"}
+        for summary in hparams(config, {"val/top1_error": 0.0, "val/top5_error": 0.0}):
+            self.board.file_writer.add_summary(summary)
 
     def pictures(self):
-        kernels_png(self.out / "kernels.png", [t.conv1.weight for t in self.model.towers])
-        series = {"train loss": [], "top-1 error": [], "top-5 error": []}
+        towers = [t.conv1.weight for t in self.model.towers]
+        kernels_png(self.out / "kernels.png", towers)
+        self.board.add_image("conv1/kernels", kernels_grid(towers), self.epoch, dataformats="HWC")
+        steps, epochs = [], []
         with open(self.out / "metrics.jsonl") as f:
             for m in map(json.loads, f):
                 if m["kind"] == "step":
-                    series["train loss"].append((m["step"] / self.steps, m["loss"]))
-                elif m["kind"] == "epoch" and m["top1"] is not None:
-                    series["top-1 error"].append((m["epoch"], m["top1"]))
-                    series["top-5 error"].append((m["epoch"], m["top5"]))
-        curves_png(self.out / "curves.png", series)
+                    steps.append((m["step"] / self.steps, m["loss"]))
+                elif m["kind"] == "epoch":
+                    epochs.append((m["epoch"], m["top1"], m["top5"], m["lr"]))
+        curves_png(self.out / "curves.png", steps, epochs)
 
     def run(self):
         config = self.config
-        while self.epoch < config.epochs:
-            stats = self.train_epoch()
-            top1 = top5 = None
-            if self.val is not None:
-                top1, top5 = self.evaluate(self.val)
-            self.scheduler.step(stats["train_loss"] if top1 is None else top1)
-            self.epoch, self.epoch_step = self.epoch + 1, 0
-            val = "no val split" if top1 is None else f"val top-1 error {100 * top1:.2f}%, top-5 error {100 * top5:.2f}%"
-            log.info("epoch %d: train loss %.4f, %s, %.1f img/s, data wait %.1f%%", self.epoch,
-                     stats["train_loss"], val, stats["img_s"], 100 * stats["data_wait"])
-            self.metric(kind="epoch", epoch=self.epoch, step=self.step, top1=top1, top5=top5,
-                        lr=self.optimizer.param_groups[0]["lr"], **stats)
-            self.save()
-            self.pictures()
-        if config.ten_crop and self.val is not None:
-            from pipeline import build_loader
-            ten = build_loader(config.shards, "val", config.batch_size, crops="ten", **self.loader_options)
-            top1, top5 = self.evaluate(ten, ten_crop=True)
-            log.info("ten-crop: val top-1 error %.2f%%, top-5 error %.2f%%", 100 * top1, 100 * top5)
-            self.metric(kind="final", epoch=self.epoch, top1_ten_crop=top1, top5_ten_crop=top5)
+        try:
+            while self.epoch < config.epochs:
+                stats = self.train_epoch()
+                top1 = top5 = None
+                if self.val is not None:
+                    top1, top5 = self.evaluate(self.val)
+                self.scheduler.step(stats["train_loss"] if top1 is None else top1)
+                self.epoch, self.epoch_step = self.epoch + 1, 0
+                val = ("no val split" if top1 is None
+                       else f"val top-1 error {100 * top1:.2f}%, top-5 error {100 * top5:.2f}%")
+                log.info("epoch %d: train loss %.4f, %s, %.1f img/s, data wait %.1f%%", self.epoch,
+                         stats["train_loss"], val, stats["img_s"], 100 * stats["data_wait"])
+                self.metric(kind="epoch", epoch=self.epoch, step=self.step, top1=top1, top5=top5,
+                            lr=self.optimizer.param_groups[0]["lr"], **stats)
+                self.board.add_scalar("train/epoch_loss", stats["train_loss"], self.epoch)
+                if top1 is not None:
+                    self.board.add_scalar("val/top1_error", top1, self.epoch)
+                    self.board.add_scalar("val/top5_error", top5, self.epoch)
+                self.save()
+                self.pictures()
+            if config.ten_crop and self.val is not None:
+                from pipeline import build_loader
+                ten = build_loader(config.shards, "val", config.batch_size, crops="ten", **self.loader_options)
+                top1, top5 = self.evaluate(ten, ten_crop=True)
+                log.info("ten-crop: val top-1 error %.2f%%, top-5 error %.2f%%", 100 * top1, 100 * top5)
+                self.metric(kind="final", epoch=self.epoch, top1_ten_crop=top1, top5_ten_crop=top5)
+                self.board.add_scalar("val/top1_error_ten_crop", top1, self.epoch)
+                self.board.add_scalar("val/top5_error_ten_crop", top5, self.epoch)
+        finally:
+            self.board.close()  # events are flushed however the run ends
 
 
 def git_commit():
@@ -310,7 +331,8 @@ def main(argv=None):
     except FloatingPointError as e:
         log.error("%s", e)
         return 1
-    log.info("run folder: %s (metrics.jsonl, checkpoint.pt, kernels.png, curves.png)", out)
+    log.info("run folder: %s (metrics.jsonl, checkpoint.pt, kernels.png, curves.png); "
+             "watch it with `tensorboard --logdir %s`", out, out.parent)
     return 0
 
 
