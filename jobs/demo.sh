@@ -5,6 +5,7 @@
 #      however this script ends
 #   3. python -m trainer.run with the demo's quick recipe, on the best device present
 #   4. python -m pipeline.bench --shards
+#   5. python -m trainer.predict on a few val digits, python -m trainer.evaluate
 # Everything it makes is reused by the next run: the tree is kept, the preprocessing resumes
 # (and finds nothing to do), the training resumes from its checkpoint.
 set -euo pipefail
@@ -29,10 +30,10 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 step() { "$@" & child=$!; wait "$child"; child=""; }
 
-echo "== 1/4 sample tree: $DATA"
+echo "== 1/5 sample tree: $DATA"
 step python -m pipeline.sample --out "$DATA"
 
-echo "== 2/4 preprocessing on a Ray head at 127.0.0.1 -> $SHARDS"
+echo "== 2/5 preprocessing on a Ray head at 127.0.0.1 -> $SHARDS"
 if ! ray start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 --disable-usage-stats \
         --num-cpus "$(nproc)" >"${TMPDIR:-/tmp}/demo-ray-start.log" 2>&1; then
     cat "${TMPDIR:-/tmp}/demo-ray-start.log"
@@ -45,7 +46,7 @@ step ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
 ray stop --force >/dev/null 2>&1
 ray_started=""
 
-echo "== 3/4 training: $RUN"
+echo "== 3/5 training: $RUN"
 resume=()
 [ -f "$RUN/checkpoint.pt" ] && resume=(--resume)
 # The paper's recipe (N(0, 0.01) init, SGD at 0.01) sits at chance on these digits for many epochs;
@@ -53,8 +54,13 @@ resume=()
 step python -m trainer.run --shards "$SHARDS" --out "$RUN" --epochs "$EPOCHS" --batch-size 32 \
     --init torch --optimizer adam --lr 1e-4 --lr-patience 100 --log-every 15 "${resume[@]}"
 
-echo "== 4/4 input-pipeline benchmark"
-step python -m pipeline.bench --shards "$SHARDS" --batch-size 32 --seconds 5 --json "$RUN/bench.json"
+echo "== 4/5 input-pipeline benchmark"
+step python -m pipeline.bench --shards "$SHARDS" --batch-size 32 --seconds 5 --json "$RUN/bench.json" \
+    --plot "$RUN/bench.png"
+
+echo "== 5/5 the trained network on a few digits it has not trained on (val/), then its confusions"
+step python -m trainer.predict --checkpoint "$RUN/checkpoint.pt" --top 3 $(ls "$DATA"/val/*/* | sed -n '1~40p')
+step python -m trainer.evaluate --checkpoint "$RUN/checkpoint.pt" --shards "$SHARDS" --confused 5
 
 python - "$RUN" "$SHARDS" <<'PY'
 import json, sys
@@ -66,6 +72,7 @@ print(f"""
 demo: done. val top-1 error {100 * epoch['top1']:.1f}% (centre crop), {100 * final['top1_ten_crop']:.1f}% (ten-crop); chance is 90%
   shards      {shards}/ (manifest.json, pca.json, rejects.jsonl)
   run folder  {run}/ (config.json, metrics.jsonl, checkpoint.pt)
-  pictures    {run}/kernels.png, {run}/curves.png
-  benchmark   {run}/bench.json (the table above)""")
+  pictures    {run}/kernels.png, {run}/curves.png, {run}/bench.png
+  benchmark   {run}/bench.json (the table above)
+  TensorBoard tensorboard --logdir {run.rsplit("/", 1)[0] if "/" in run else "."}  (event files in {run}/)""")
 PY
