@@ -45,11 +45,15 @@ def curves_png(path, steps, epochs):
     errors None without a val split. Loss on a log scale on the left, errors on the right, the epochs
     after which the lr was divided marked on both."""
     figure, (loss_axes, error_axes) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    loss_axes.set(yscale="log", xlabel="epoch", ylabel="cross-entropy loss (log scale)", title="training loss")
     if steps:
         loss_axes.plot(*zip(*steps), color="tab:blue", linewidth=1, label="training loss")
-    loss_axes.set(yscale="log", xlabel="epoch", ylabel="cross-entropy loss (log scale)", title="training loss")
-    for axis in (loss_axes.yaxis.set_major_formatter, loss_axes.yaxis.set_minor_formatter):
-        axis(ticker.FormatStrFormatter("%.3g"))  # plain numbers, not 1.1 x 10^0, over a narrow range
+        losses = [loss for _, loss in steps]
+        # ticks at 1, 2, 5 of each decade over a wide range, evenly spaced over a narrow one; plain numbers
+        wide = max(losses) > 4 * min(losses)
+        loss_axes.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)) if wide else ticker.MaxNLocator(5))
+        loss_axes.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        loss_axes.yaxis.set_minor_formatter(ticker.NullFormatter())
     scored = [e for e in epochs if e[1] is not None]
     if scored:
         x = [e[0] for e in scored]
