@@ -86,20 +86,30 @@ def main(argv=None):
 
     settings = Settings(size=args.size, quality=args.quality, shard_size=args.shard_size,
                         seed=args.seed, max_pixels=args.max_pixels)
+    lock = FolderLock(args.out)
     try:
-        with FolderLock(args.out) as lock:  # before Ray starts: a second run on --out refuses at once
-            if args.address:
-                ray.init(address=args.address, log_to_driver=True)
-            else:
-                ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
-            try:
-                manifest = run(args.src, args.out, settings, args.val_labels, args.max_reject_fraction,
-                               args.val_fraction, progress=Progress(), lock=lock)
-            finally:
-                ray.shutdown()
-    except (JobFailed, LockHeld) as e:
+        lock.acquire()  # before Ray starts: a second run on --out refuses at once
+    except LockHeld as e:
         log.error("%s", e)
         return 1
+    except OSError as e:  # a read-only or forbidden --out: said before any work
+        log.error("cannot write into --out %s: %s", args.out, e.strerror or e)
+        return 1
+    try:
+        if args.address:
+            ray.init(address=args.address, log_to_driver=True)
+        else:
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+        try:
+            manifest = run(args.src, args.out, settings, args.val_labels, args.max_reject_fraction,
+                           args.val_fraction, progress=Progress(), lock=lock)
+        finally:
+            ray.shutdown()
+    except JobFailed as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        lock.release()
     totals = manifest["totals"]
     log.info("done: %d samples in %s (%d train, %d val shards); manifest %s",
              totals["written"], args.out, len(manifest["splits"]["train"]["shards"]),

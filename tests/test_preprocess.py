@@ -349,6 +349,10 @@ def test_hidden_entries_are_skipped_and_val_is_held_out_per_class(tmp_path, ray_
                       address=ray_head)
     assert both.returncode == 1 and "--val-fraction holds out part of train/ for a tree without val/" in both.stderr
 
+    nowhere = preprocess(src, "/proc/shards", check=False, address=ray_head)  # not writable, even by root
+    assert nowhere.returncode == 1 and "cannot write into --out /proc/shards: " in nowhere.stderr
+    assert "Traceback" not in nowhere.stderr
+
 
 @pytest.fixture
 def small_disk(tmp_path):
