@@ -48,7 +48,7 @@ class JobFailed(Exception):
 class Tree:
     classes: list  # sorted folder names of train/; a class's index is its position
     splits: dict  # {split: [(relative path, class index or -1 if unlabelled)]}, sorted by path
-    hidden: list  # relative paths of entries whose names start with "." (.ipynb_checkpoints, .DS_Store): skipped
+    hidden: list  # paths of entries whose names start with "." (.ipynb_checkpoints, .DS_Store): skipped
 
 
 def scan(src, val_labels=None, val_fraction=0.0, seed=0) -> Tree:

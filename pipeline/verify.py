@@ -62,7 +62,7 @@ def verify_checksums(shards, manifest, threads=None) -> dict:
     expected = {shard[name_key]: shard[sha_key] for split in SPLITS for shard in manifest["splits"][split]["shards"]
                 for name_key, sha_key in (("name", "sha256"), ("index", "index_sha256")) if sha_key in shard}
     memory_path = _memory_path(shards)
-    memory = _read_memory(memory_path)
+    memory = remembered = _read_memory(memory_path)
     stats = {name: _identity(shards / name) for name in expected}
     todo = [name for name in expected if memory.get(name) != {**stats[name], "sha256": expected[name]}]
     with ThreadPoolExecutor(threads or len(os.sched_getaffinity(0))) as pool:  # hashlib releases the GIL
@@ -74,7 +74,8 @@ def verify_checksums(shards, manifest, threads=None) -> dict:
     settled = time.time_ns() - SETTLED_S * 1e9
     memory.update({name: {**stats[name], "sha256": digest} for name, digest in digests.items()
                    if name not in bad and stats[name]["ctime_ns"] < settled})
-    _write_memory(memory_path, memory)
+    if memory != remembered:  # a second run on unchanged shards writes nothing
+        _write_memory(memory_path, memory)
     if bad:
         raise ShardDirError(
             f"{len(bad)} file(s) in {shards} do not match their sha256 in the manifest (damaged or changed "

@@ -74,8 +74,7 @@ def main(argv=None):
     from pipeline import build_loader
     from pipeline.manifest import ShardDirError, read_manifest
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    device = torch.device("cuda:0") if device.type == "cuda" else device
+    device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     try:
         model, state = load_checkpoint(args.checkpoint, device)
         manifest = read_manifest(args.shards)

@@ -15,9 +15,8 @@ import sys
 import numpy as np
 import torch
 
+from pipeline.loader import CROP
 from trainer.evaluate import load_checkpoint
-
-CROP = 227  # pipeline.loader.CROP: the trainer's input
 
 
 def prepare(path, state) -> np.ndarray:

@@ -94,10 +94,9 @@ class Run:
 
         self.config, self.out = config, Path(config.out)
         manifest = read_manifest(config.shards)  # ShardDirError before any work
-        self.class_names, pca = manifest["classes"], read_pca(config.shards)
-        self.classes = len(self.class_names)
+        self.classes, pca = len(manifest["classes"]), read_pca(config.shards)
         # what trainer.evaluate and trainer.predict need, kept in every checkpoint
-        self.about = {"classes": self.class_names, "normalisation": {"mean": pca["mean"], "std": pca["std"]},
+        self.about = {"classes": manifest["classes"], "normalisation": {"mean": pca["mean"], "std": pca["std"]},
                       "preprocessing": {k: manifest["settings"][k] for k in ("size", "quality", "max_pixels")}}
         if config.verify_shards:
             started = time.perf_counter()
