@@ -14,7 +14,8 @@ from PIL import Image
 # address), and token auth with a token of this session's own: `ray start` in token mode needs one,
 # and without token mode a ~/.ray/auth_token left on the machine would turn auth on for the head
 # but not for its clients. Subprocesses inherit all of it.
-os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
+                  GLOO_SOCKET_IFNAME="lo")  # gloo's sockets too (else on the address the host name resolves to)
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

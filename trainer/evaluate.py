@@ -19,16 +19,20 @@ log = logging.getLogger("evaluate")
 
 
 @torch.no_grad()
-def errors(model, loader, ten_crop=False, desc="val") -> dict:
+def errors(model, loader, ten_crop=False, desc="val", progress=True) -> dict:
     """-> {"top1", "top5": error rates, "total", "wrong1", "wrong5": counts, "confused": Counter of
-    (true class, predicted class) over the top-1 mistakes}; ten-crop averages the softmax over 10 crops."""
+    (true class, predicted class) over the top-1 mistakes}; ten-crop averages the softmax over 10 crops.
+    progress: show a bar (one rank of several shows it)."""
     from pipeline.progress import bar
 
     model, first = model.eval(), model.devices[0]
     wrong1 = wrong5 = total = 0
     confused = Counter()
-    with bar(total=len(loader), desc=desc, unit="batch", leave=False) as progress:
+    with bar(total=len(loader), desc=desc, unit="batch", leave=False, disable=not progress) as shown:
         for images, labels in loader:
+            if not len(labels):  # one rank's share of the last batch may be empty
+                shown.update(1)
+                continue
             with torch.autocast(first.type, dtype=torch.bfloat16, enabled=first.type == "cuda"):
                 if ten_crop:  # [B, 10, 3, 227, 227]
                     b = images.shape[0]
@@ -42,7 +46,7 @@ def errors(model, loader, ten_crop=False, desc="val") -> dict:
             wrong5 += (top5 != labels[:, None]).all(1).sum().item()
             total += len(labels)
             confused.update(map(tuple, torch.stack([labels, top5[:, 0]], 1)[missed].tolist()))
-            progress.update(1)
+            shown.update(1)
     return {"top1": wrong1 / total, "top5": wrong5 / total, "total": total, "wrong1": wrong1, "wrong5": wrong5,
             "confused": confused}
 

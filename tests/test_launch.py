@@ -1,0 +1,183 @@
+"""Data-parallel training: DDP against one process, Ray Train (faults, two nodes), torchrun, on the CPU."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import BIN, REPO, wait_for
+from test_trainer import losses_by_step, metrics, train
+from trainer.run import Config, Run
+
+pytestmark = pytest.mark.slow
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def exact_config(shards, out):
+    """The paper's SGD (momentum, weight decay), no dropout: one step is a function of the batch alone."""
+    return Config(shards=str(shards), out=str(out), batch_size=8, dropout=0.0, device="cpu", verify_shards=False)
+
+
+def replica(rank, port, shards, out, batch):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        run = Run(exact_config(shards, out))
+        images, labels = torch.load(batch)
+        half = len(labels) // 2  # rank r takes the r-th half of the global batch
+        run.train_step(images[rank * half:(rank + 1) * half], labels[rank * half:(rank + 1) * half])
+        torch.save(run.model.state_dict(), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_replicas_take_the_step_one_process_takes_with_the_whole_batch(shards, tmp_path):
+    from pipeline import build_loader
+
+    images, labels = next(iter(build_loader(shards, "train", batch_size=8, crops="center")))
+    torch.save((images, labels), tmp_path / "batch.pt")
+    mp.spawn(replica, args=(free_port(), shards, tmp_path, tmp_path / "batch.pt"), nprocs=2)
+
+    single = Run(exact_config(shards, tmp_path / "single"))
+    before = {k: v.clone() for k, v in single.model.state_dict().items()}
+    single.train_step(images, labels)
+    after = single.model.state_dict()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    moved = max((after[k] - before[k]).abs().max().item() for k in after)
+    assert moved > 1e-3  # the step changed the weights far beyond the tolerance below
+    for name, value in after.items():
+        for state in ranks:  # the replicas agree with each other and with the one process
+            torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def start(shards, out, *args, env=None):
+    """The trainer in the background, its output in out.log; -> (Popen, log path)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"{out.name}.log"
+    cmd = [sys.executable, "-m", "trainer.run", "--shards", str(shards), "--out", str(out), *map(str, args)]
+    with open(log, "w") as f:
+        job = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**os.environ, **(env or {})})
+    return job, log
+
+
+def worker_pids(log):
+    """{rank: pid} from the line rank 0 logs when the worker group starts."""
+    line = next(line for line in log.read_text().splitlines() if "trainer: workers: " in line)
+    return {int(r): int(p) for r, p in re.findall(r"(\d+): pid (\d+)", line.split("trainer: workers: ")[1])}
+
+
+def kill_worker_mid_epoch(job, log, out, rank=1, after_step=2):
+    """SIGKILL worker `rank` once the checkpoint is at least `after_step` steps into epoch 1; -> its pid."""
+    def checkpointed():
+        assert job.poll() is None, log.read_text()[-3000:]
+        if not (out / "checkpoint.pt").exists():
+            return False
+        return torch.load(out / "checkpoint.pt", weights_only=True, mmap=True)["epoch_step"] >= after_step
+
+    wait_for(checkpointed, timeout=400, interval=0.5)
+    pid = worker_pids(log)[rank]
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+ARGS = ["--epochs", 1, "--batch-size", 4, "--steps-per-epoch", 6, "--log-every", 1, "--checkpoint-minutes", 0,
+        "--no-ten-crop", "--workers", 2]
+
+
+def test_ray_train_survives_a_killed_worker_and_resumes_exactly(shards, tmp_path):
+    clean = tmp_path / "clean"
+    result = train(shards, clean, *[a for a in ARGS if a != "--no-ten-crop"])
+    assert "workers: 0: pid" in result.stdout + result.stderr
+    (epoch,), (final,) = metrics(clean, "epoch"), metrics(clean, "final")
+    assert epoch["workers"] == 2 and 0 <= epoch["data_wait"] <= epoch["data_wait_max"] < 1
+    state = torch.load(clean / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["loader"]) == len(state["rng"]) == 2
+    # validation sharded over the two workers: the error of the one-process evaluation of the checkpoint
+    for args, error in (([], epoch["top1"]), (["--ten-crop"], final["top1_ten_crop"])):
+        cmd = [sys.executable, "-m", "trainer.evaluate", "--checkpoint", clean / "checkpoint.pt", "--shards", shards]
+        single = subprocess.run([*map(str, cmd), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        wrong, total = map(int, re.search(r"top-1 error [\d.]+% \((\d+) of (\d+)\)", single.stdout).groups())
+        assert total == 9 and error == pytest.approx(wrong / total)
+
+    out = tmp_path / "killed"
+    job, log = start(shards, out, *ARGS)
+    try:
+        kill_worker_mid_epoch(job, log, out)
+        assert job.wait(timeout=600) == 0, log.read_text()[-5000:]
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "restarting from the latest checkpoint after a worker failure" in text
+    assert re.search(rf"resumed {out} at epoch 1 step [2-5]\b", text)
+    # the planned steps, each once, and the restarted workers took the batches the clean run took
+    assert losses_by_step(out) == losses_by_step(clean) and sorted(losses_by_step(out)) == list(range(1, 7))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_past_max_failures_it_names_the_worker_and_resumes_with_another_count(shards, tmp_path):
+    out = tmp_path / "run"
+    job, log = start(shards, out, *ARGS, "--max-failures", 0)
+    try:
+        pid = kill_worker_mid_epoch(job, log, out)
+        assert job.wait(timeout=300) == 1
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+    text = log.read_text()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert f"worker 1 (pid {pid} on 127.0.0.1): its process died" in text, text[-3000:]
+    assert (f"the latest checkpoint is {out.resolve()}/checkpoint.pt (epoch 1, step {state['epoch_step']} of it): "
+            f"continue with the same command and --resume") in text
+
+    resumed = train(shards, out, *ARGS[:-2], "--resume")  # one process instead of two workers
+    assert (f"was written by 2 worker(s), this run has 1: the loaders cannot continue where those stopped, so "
+            f"epoch 1 starts again from its first batch (the {state['epoch_step']} step(s)") in resumed.stderr
+    steps = [m["step"] for m in metrics(out, "step")]
+    assert steps[-6:] == list(range(state["step"] + 1, state["step"] + 7))  # a whole epoch, after the kept steps
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["world_size"] == 1
+
+
+def test_two_ray_nodes_one_worker_each(shards, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "node_ip_address": "127.0.0.1", "gcs_server_port": free_port(),
+        "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
+    try:
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        out = tmp_path / "run"
+        result = train(shards, out, "--epochs", 1, "--batch-size", 4, "--steps-per-epoch", 2, "--no-ten-crop",
+                       "--workers", 2, "--address", cluster.address)
+    finally:
+        cluster.shutdown()
+    text = result.stdout + result.stderr
+    nodes = re.findall(r"\d: pid \d+ on 127\.0\.0\.1 \(node (\w+)\)", text)
+    assert len(nodes) == 2 and nodes[0] != nodes[1], text[-3000:]
+    assert [m["workers"] for m in metrics(out, "epoch")] == [2]
+
+
+def test_torchrun_two_nodes_on_loopback(shards, tmp_path):
+    out, port = tmp_path / "run", free_port()
+    args = ["--epochs", 1, "--batch-size", 4, "--steps-per-epoch", 2, "--log-every", 1, "--no-ten-crop"]
+    nodes = []
+    for node in range(2):
+        cmd = [BIN / "torchrun", "--nnodes", 2, "--nproc-per-node", 1, "--node-rank", node, "--rdzv-backend",
+               "static", "--master-addr", "127.0.0.1", "--master-port", port, "-m", "trainer.run",
+               "--shards", shards, "--out", out, *args]
+        nodes.append(subprocess.Popen([*map(str, cmd)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    logs = [node.communicate(timeout=400)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "epoch 1 step 2/2: loss" in logs[0] and "trainer: epoch" not in logs[1]  # rank 0 alone reports
+    assert [m["workers"] for m in metrics(out, "step")] == [2, 2]

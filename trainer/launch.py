@@ -1,0 +1,155 @@
+"""How `python -m trainer.run` is started: one process, torchrun's processes, or Ray Train's workers.
+
+    python -m trainer.run --shards DIR --out RUN                                  # one process
+    python -m trainer.run --shards DIR --out RUN --workers 4                      # Ray Train, 4 replicas
+    python -m trainer.run --shards DIR --out RUN --workers 4 --gpus-per-worker 2  # the split net on 2 GPUs each
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python -m trainer.run --shards /shared/shards --out /shared/runs/a --workers 16
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HEAD:29500 -m trainer.run --shards DIR --out RUN
+
+Each launcher sets up torch.distributed (NCCL on GPUs, gloo on CPUs), picks this process's
+device(s) and calls trainer.run.train, which knows only its rank and world size. With several
+replicas, --out must be one folder every node sees (rank 0 writes it, every rank reads the
+checkpoint when it resumes), and so must --shards.
+
+Ray Train: the cluster named by --address / $RAY_ADDRESS, else a private Ray on 127.0.0.1 for this
+run. Rank 0 reports every checkpoint to Ray Train (a pointer to RUN/checkpoint.pt); when a worker
+dies, Ray Train starts the worker group again, up to --max-failures times, and the new workers
+resume from that checkpoint.
+"""
+import dataclasses
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainer.run import Config, train
+
+log = logging.getLogger("trainer")
+
+
+def launch(config: Config) -> int:
+    """Start the run the way config and the environment ask for; -> exit status."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return torchrun(config)
+    if config.workers:
+        return ray_train(config)
+    return train(config)
+
+
+def torchrun(config: Config) -> int:
+    """This process is rank $RANK of $WORLD_SIZE, started by torchrun (which set up the rendezvous)."""
+    local_rank, g = int(os.environ.get("LOCAL_RANK", 0)), config.gpus_per_worker
+    if config.device == "cuda":
+        devices = [torch.device(f"cuda:{local_rank * g + i}") for i in range(g)]
+        torch.cuda.set_device(devices[0])
+    else:
+        devices = [torch.device("cpu")]
+    torch.set_num_threads(config.cpus_per_worker)
+    dist.init_process_group("nccl" if config.device == "cuda" else "gloo")
+    try:
+        return train(config, devices)
+    finally:
+        dist.destroy_process_group()
+
+
+def ray_train(config: Config) -> int:
+    """config.workers replicas as the worker group of a Ray Train TorchTrainer; -> exit status."""
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if not address:  # every server of our own Ray on 127.0.0.1 (Ray binds the public address otherwise)
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+    try:
+        config.device = config.device or ("cuda" if ray.cluster_resources().get("GPU") else "cpu")
+        gpu = config.device == "cuda"
+        resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if gpu else {})}
+        out = Path(config.out).resolve()
+        log.info("Ray Train: %d workers with %s each, on %s", config.workers, resources, address or "a private Ray")
+        trainer = TorchTrainer(
+            worker, train_loop_config={"config": dataclasses.asdict(config)},
+            scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=gpu,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name="ray-train", storage_path=str(out),
+                failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            log.error("%s", stopped(e, config, out / "checkpoint.pt"))
+            return 1
+        return result.return_value
+    finally:
+        ray.shutdown()
+
+
+def worker(loop_config: dict) -> int:
+    """One Ray Train worker: rank ray.train.get_context().get_world_rank() of the group."""
+    import ray.train
+    import ray.train.torch
+
+    config = Config(**loop_config["config"])
+    rank = ray.train.get_context().get_world_rank()
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
+    for name in ("trainer", "pipeline"):  # ours, not Ray's chatter; warnings and errors from every rank
+        logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    here = f"pid {os.getpid()} on {ray.util.get_node_ip_address()} (node {ray.get_runtime_context().get_node_id()[:8]})"
+    everyone = [None] * config.workers
+    dist.all_gather_object(everyone, here)
+    log.info("workers: %s", ", ".join(f"{r}: {w}" for r, w in enumerate(everyone)))
+    if ray.train.get_checkpoint() is not None:  # this worker group replaces one that failed
+        log.info("restarting from the latest checkpoint after a worker failure")
+        config.resume = True
+    if config.device == "cuda":
+        devices = ray.train.torch.get_devices()
+        torch.cuda.set_device(devices[0])
+    else:
+        devices = [torch.device("cpu")]
+    torch.set_num_threads(config.cpus_per_worker)
+    return train(config, devices, on_save=report_checkpoint)  # rank 0's is the run's exit status
+
+
+def report_checkpoint(run):
+    """Tell Ray Train of the checkpoint just written: a small folder naming it, from rank 0."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if run.master:
+            pointer = {"path": str(run.checkpoint_path.resolve()), "epoch": run.epoch, "step": run.step}
+            Path(folder, "checkpoint.json").write_text(json.dumps(pointer))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report({"epoch": run.epoch, "step": run.step}, checkpoint=checkpoint)
+
+
+def stopped(error, config: Config, checkpoint: Path) -> str:
+    """What to say when Ray Train gives up: which worker died, and where to resume from."""
+    failures = getattr(error, "worker_failures", {}) or {}
+    said = []
+    for rank, failure in sorted(failures.items()):
+        text = str(failure)
+        pid, ip = re.search(r"\bpid[:=]\s*(\d+)", text), re.search(r"\bip[:=]\s*'?([\w.:-]+)", text)
+        where = f" (pid {pid[1]} on {ip[1]})" if pid and ip else ""
+        reason = "its process died" if "actor died" in text.lower() else text.strip().splitlines()[-1]
+        said.append(f"worker {rank}{where}: {reason}")
+    who = "; ".join(said) or str(error).strip().splitlines()[-1]
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        resume = (f"the latest checkpoint is {checkpoint} (epoch {state['epoch'] + 1}, step {state['epoch_step']} "
+                  f"of it): continue with the same command and --resume")
+    else:
+        resume = f"no checkpoint was written to {checkpoint} yet: start the run again"
+    return (f"training stopped after {config.max_failures} restart(s) of the worker group (--max-failures): "
+            f"{who}; {resume}")
