@@ -1,0 +1,74 @@
+"""How data-parallel training scales here: img/s of 1 and of N Ray Train workers, as a ratio of linear.
+
+    python -m trainer.scaling --shards shards/                            # 1 vs 2 workers, one core each
+    python -m trainer.scaling --shards shards/ --workers 1 2 4 --batch-per-worker 64 --device cuda
+
+Each count is one `python -m trainer.run --workers N --cpus-per-worker 1` with the same batch per
+worker (weak scaling: the global batch grows with N, as it does when GPUs are added) for --steps
+steps, one log line a step; img/s is over the steps after the first --warmup (start-up, first
+allocations). Linear is N times the 1-worker rate. The projected rows extend the measured per-step
+cost of synchronising to more workers with the ring all-reduce's 2(N-1)/N volume per worker.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def rate(out: Path, warmup: int, global_batch: int) -> float:
+    """img/s over the logged steps after `warmup`: each line's img_s is one step's batch over its time."""
+    with open(out / "metrics.jsonl") as f:
+        rates = [m["img_s"] for m in map(json.loads, f) if m["kind"] == "step" and m["step"] > warmup]
+    return len(rates) * global_batch / sum(global_batch / r for r in rates)
+
+
+def measure(args, workers: int, folder: Path) -> float:
+    out = folder / f"workers-{workers}"
+    batch = args.batch_per_worker * workers
+    cmd = [sys.executable, "-m", "trainer.run", "--shards", args.shards, "--out", str(out), "--workers", str(workers),
+           "--cpus-per-worker", "1", "--batch-size", str(batch), "--epochs", "1", "--steps-per-epoch",
+           str(args.steps), "--log-every", "1", "--no-ten-crop", "--no-verify-shards", *args.trainer_args]
+    if args.device:
+        cmd += ["--device", args.device]
+    print(f"{workers} worker(s), global batch {batch}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"the {workers}-worker run failed ({done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
+    return rate(out, args.warmup, batch)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", default="shards", help="a folder written by jobs/preprocess.py")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure; 1 first")
+    p.add_argument("--batch-per-worker", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10, help="steps per run; the train split must hold that many")
+    p.add_argument("--warmup", type=int, default=3, help="first steps left out of the rate")
+    p.add_argument("--project", type=int, nargs="*", default=[4, 8], help="worker counts to project to")
+    p.add_argument("--device", default="", help="cpu or cuda (default: the cluster's)")
+    p.add_argument("trainer_args", nargs="*", help="after --: more trainer.run flags (--address, --init ...)")
+    args = p.parse_args(argv)
+    if args.workers[0] != 1:
+        p.error("--workers must start with 1: the other counts are compared with one worker")
+    if args.steps <= args.warmup:
+        p.error("--steps must exceed --warmup")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a private Ray keeps to 127.0.0.1
+    with tempfile.TemporaryDirectory(prefix="scaling-") as folder:
+        rates = {n: measure(args, n, Path(folder)) for n in args.workers}
+    one = rates[1]
+    print(f"\n{'workers':>7}  {'global batch':>12}  {'img/s':>9}  {'ratio to linear':>15}")
+    for n, r in rates.items():
+        print(f"{n:>7}  {n * args.batch_per_worker:>12}  {r:>9.2f}  {r / (n * one):>15.3f}  measured")
+    if 2 in rates:  # the per-step cost two workers add, grown with the all-reduce's volume per worker
+        step = args.batch_per_worker / one
+        extra = 2 * args.batch_per_worker / rates[2] - step  # 2(N-1)/N = 1 at N = 2
+        for n in args.project:
+            r = n * args.batch_per_worker / (step + extra * 2 * (n - 1) / n)
+            print(f"{n:>7}  {n * args.batch_per_worker:>12}  {r:>9.2f}  {r / (n * one):>15.3f}  projected")
+
+
+if __name__ == "__main__":
+    main()
