@@ -181,3 +181,15 @@ def test_torchrun_two_nodes_on_loopback(shards, tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "epoch 1 step 2/2: loss" in logs[0] and "trainer: epoch" not in logs[1]  # rank 0 alone reports
     assert [m["workers"] for m in metrics(out, "step")] == [2, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU")
+def test_torchrun_on_every_gpu_with_nccl(shards, tmp_path):
+    gpus, out = torch.cuda.device_count(), tmp_path / "run"
+    cmd = [BIN / "torchrun", "--standalone", "--nproc-per-node", gpus, "-m", "trainer.run", "--shards", shards,
+           "--out", out, "--epochs", 1, "--batch-size", 4 * gpus, "--steps-per-epoch", 2, "--log-every", 1]
+    result = subprocess.run([*map(str, cmd)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m["workers"] for m in metrics(out, "step")] == [gpus, gpus]
+    assert metrics(out, "final")[0]["top1_ten_crop"] is not None

@@ -142,6 +142,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pa
     (["--shards", "/nonexistent/shards"], "does not exist: make shards with"),
     (["--shards", "SHARDS", "--warmup", "3"], "unrecognized arguments: --warmup"),
     (["--shards", "SHARDS", "--optimizer", "lamb"], "--optimizer must be one of"),
+    (["--shards", "SHARDS", "--workers", "3"], "--batch-size 128 is the global batch and must split evenly over 3"),
+    (["--shards", "SHARDS", "--workers", "64"], "64 workers with {'CPU': 1} each do not fit in the cluster's"),
 ])
 def test_refuses_bad_input_with_a_message(shards, args, message):
     args = [str(shards) if a == "SHARDS" else a for a in args]

@@ -50,6 +50,7 @@ def torchrun(config: Config) -> int:
         torch.cuda.set_device(devices[0])
     else:
         devices = [torch.device("cpu")]
+        keep_to_cores(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)), config.cpus_per_worker)
     torch.set_num_threads(config.cpus_per_worker)
     dist.init_process_group("nccl" if config.device == "cuda" else "gloo")
     try:
@@ -72,9 +73,17 @@ def ray_train(config: Config) -> int:
     else:
         ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
     try:
-        config.device = config.device or ("cuda" if ray.cluster_resources().get("GPU") else "cpu")
+        have = ray.cluster_resources()
+        config.device = config.device or ("cuda" if have.get("GPU") else "cpu")
         gpu = config.device == "cuda"
         resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if gpu else {})}
+        if any(config.workers * n > have.get(kind, 0) for kind, n in resources.items()):
+            short = (f"{config.workers} workers with {resources} each do not fit in the cluster's "
+                     f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs")
+            if not address:  # a private Ray is all there will be
+                log.error("%s: lower --workers or --cpus-per-worker, or name a larger cluster with --address", short)
+                return 2
+            log.warning("%s: Ray Train waits until the cluster has grown (an autoscaler adds nodes)", short)
         out = Path(config.out).resolve()
         log.info("Ray Train: %d workers with %s each, on %s", config.workers, resources, address or "a private Ray")
         trainer = TorchTrainer(
@@ -100,11 +109,17 @@ def worker(loop_config: dict) -> int:
     import ray.train
     import ray.train.torch
 
-    config = Config(**loop_config["config"])
-    rank = ray.train.get_context().get_world_rank()
+    config, context = Config(**loop_config["config"]), ray.train.get_context()
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
     for name in ("trainer", "pipeline"):  # ours, not Ray's chatter; warnings and errors from every rank
-        logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.INFO if context.get_world_rank() == 0 else logging.WARNING)
+    if config.device == "cuda":
+        devices = ray.train.torch.get_devices()
+        torch.cuda.set_device(devices[0])  # NCCL's objects travel on the current device
+    else:
+        devices = [torch.device("cpu")]
+        keep_to_cores(context.get_local_rank(), context.get_local_world_size(), config.cpus_per_worker)
+    torch.set_num_threads(config.cpus_per_worker)
     here = f"pid {os.getpid()} on {ray.util.get_node_ip_address()} (node {ray.get_runtime_context().get_node_id()[:8]})"
     everyone = [None] * config.workers
     dist.all_gather_object(everyone, here)
@@ -112,13 +127,17 @@ def worker(loop_config: dict) -> int:
     if ray.train.get_checkpoint() is not None:  # this worker group replaces one that failed
         log.info("restarting from the latest checkpoint after a worker failure")
         config.resume = True
-    if config.device == "cuda":
-        devices = ray.train.torch.get_devices()
-        torch.cuda.set_device(devices[0])
-    else:
-        devices = [torch.device("cpu")]
-    torch.set_num_threads(config.cpus_per_worker)
     return train(config, devices, on_save=report_checkpoint)  # rank 0's is the run's exit status
+
+
+def keep_to_cores(local_rank: int, local_world: int, count: int):
+    """A CPU worker keeps to `count` cores of its own (its torch, DALI and gloo threads), where the node
+    has enough for all its workers: no worker's threads preempt another's."""
+    cores = sorted(os.sched_getaffinity(0))
+    if local_world * count <= len(cores):
+        mine = cores[local_rank * count:(local_rank + 1) * count]
+        for thread in os.listdir("/proc/self/task"):  # the threads started so far; later ones inherit it
+            os.sched_setaffinity(int(thread), mine)
 
 
 def report_checkpoint(run):

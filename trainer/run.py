@@ -149,7 +149,8 @@ class Run:
         self.epoch, self.step, self.epoch_step = 0, 0, 0
         loader_state = self.load() if config.resume else None
         # DDP: gradients averaged over the replicas during backward; a module over two GPUs works too
-        self.net = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        self.net = (nn.parallel.DistributedDataParallel(self.model, gradient_as_bucket_view=True)  # no copy into buckets
+                    if self.world > 1 else self.model)
         self.loader_options = dict(device=self.device, channels_last=gpu, rank=self.rank, world_size=self.world,
                                    dtype=torch.bfloat16 if gpu else torch.float32,
                                    num_threads=config.cpus_per_worker if self.world > 1 else None)
@@ -299,14 +300,14 @@ class Run:
                 elapsed = time.perf_counter() - window_start
                 due = time.monotonic() - last_checkpoint > 60 * config.checkpoint_minutes
                 # host sync: .item() waits for the device; over the ranks: the batch-weighted loss
+                (worst,) = self.reduce([window_wait], op="max")
                 loss_sum, n, window_images, window_wait, due = self.reduce(
                     [loss.item() * len(labels), len(labels), window_images, window_wait, due])
-                (max_wait,) = self.reduce([window_wait / self.world], op="max")
                 value = loss_sum / n
                 self.check_finite(value)
                 losses.append(value)
                 lr = self.optimizer.param_groups[0]["lr"]
-                rate, share, worst = window_images / elapsed, window_wait / self.world / elapsed, max_wait / elapsed
+                rate, share, worst = window_images / elapsed, window_wait / self.world / elapsed, worst / elapsed
                 done = self.epoch_step - first_step
                 eta = (self.steps - self.epoch_step) * (time.perf_counter() - started) / done
                 if self.master:
