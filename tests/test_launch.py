@@ -29,16 +29,20 @@ def exact_config(shards, out):
     return Config(shards=str(shards), out=str(out), batch_size=8, dropout=0.0, device="cpu", verify_shards=False)
 
 
-def replica(rank, port, shards, out, batch):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def step(rank, world, port, shards, out, batch):
+    """One training step of replica `rank` of `world` on its share of the batch; saves the weights before and after."""
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        run = Run(exact_config(shards, out))
+        run = Run(exact_config(shards, out / f"run{world}"))
         images, labels = torch.load(batch)
-        half = len(labels) // 2  # rank r takes the r-th half of the global batch
-        run.train_step(images[rank * half:(rank + 1) * half], labels[rank * half:(rank + 1) * half])
-        torch.save(run.model.state_dict(), out / f"rank{rank}.pt")
+        share = len(labels) // world  # rank r takes the r-th share of the global batch
+        before = {k: v.clone() for k, v in run.model.state_dict().items()}
+        run.train_step(images[rank * share:(rank + 1) * share], labels[rank * share:(rank + 1) * share])
+        torch.save((before, run.model.state_dict()), out / f"world{world}-rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        if world > 1:
+            dist.destroy_process_group()
 
 
 def test_two_replicas_take_the_step_one_process_takes_with_the_whole_batch(shards, tmp_path):
@@ -46,17 +50,16 @@ def test_two_replicas_take_the_step_one_process_takes_with_the_whole_batch(shard
 
     images, labels = next(iter(build_loader(shards, "train", batch_size=8, crops="center")))
     torch.save((images, labels), tmp_path / "batch.pt")
-    mp.spawn(replica, args=(free_port(), shards, tmp_path, tmp_path / "batch.pt"), nprocs=2)
+    for world in (1, 2):  # in processes of their own: this one stays free of their threads
+        mp.spawn(step, args=(world, free_port(), shards, tmp_path, tmp_path / "batch.pt"), nprocs=world)
 
-    single = Run(exact_config(shards, tmp_path / "single"))
-    before = {k: v.clone() for k, v in single.model.state_dict().items()}
-    single.train_step(images, labels)
-    after = single.model.state_dict()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    before, after = torch.load(tmp_path / "world1-rank0.pt")
     moved = max((after[k] - before[k]).abs().max().item() for k in after)
     assert moved > 1e-3  # the step changed the weights far beyond the tolerance below
-    for name, value in after.items():
-        for state in ranks:  # the replicas agree with each other and with the one process
+    for rank in range(2):  # the replicas start where the one process starts, and end where it ends
+        start, state = torch.load(tmp_path / f"world2-rank{rank}.pt")
+        for name, value in after.items():
+            torch.testing.assert_close(start[name], before[name], rtol=0, atol=0, msg=name)
             torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-7, msg=name)
 
 

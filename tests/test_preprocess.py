@@ -257,8 +257,9 @@ def test_two_attempts_at_one_shard_never_mix_their_bytes(tmp_path):
     (spec,) = plan("train", scan(src).splits["train"], settings)
     out = tmp_path / "out"
     (out / ".parts").mkdir(parents=True)
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        barrier = multiprocessing.get_context("fork").Manager().Barrier(2)
+    spawn = multiprocessing.get_context("spawn")  # a fork would copy the locks of this process's threads
+    with spawn.Pool(2) as pool:
+        barrier = spawn.Manager().Barrier(2)
         records = pool.map(_write_shard_in_a_process, [(barrier, spec, str(src), str(out), settings)] * 2)
     assert [r["resumed"] for r in records] == [False, False], "both attempts wrote the shard"
     assert records[0]["sha256"] == records[1]["sha256"]
