@@ -252,6 +252,7 @@ def _write_shards(specs, src, out, settings, progress) -> list[dict]:
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
+            name = pending.pop(ref)  # finished: cancelling it too crashes Ray 2.60's driver (a failed check)
             try:
                 record = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
@@ -261,7 +262,7 @@ def _write_shards(specs, src, out, settings, progress) -> list[dict]:
                 for other in pending:
                     ray.cancel(other)
                 raise JobFailed(_write_failed(out, cause, specs, records, settings.size)) from None
-            records[pending.pop(ref)] = record
+            records[name] = record
             processed += 0 if record["resumed"] else record["inputs"]
         if progress:
             progress(len(records), len(specs), processed)

@@ -372,8 +372,10 @@ def test_a_full_disk_says_so_in_one_line_and_the_rerun_resumes(tmp_path, small_d
     src = many_small_images(tmp_path / "src", per_class=10, side=300)
     out = small_disk / "shards"
     full = preprocess(src, out, "--shard-size", 2, address=ray_head, check=False)
-    assert full.returncode == 1 and "Traceback" not in full.stderr
-    (line,) = [line for line in full.stderr.splitlines() if "ERROR" in line]
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    errors = [line for line in full.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, full.stderr[-3000:]
+    (line,) = errors
     assert f"no space left on the device of {out}:" in line and "B more needed for the other" in line
     assert "run the same command again: the finished shards are kept" in line
     assert not (out / "manifest.json").exists() and not list(out.glob(".*.tmp"))
