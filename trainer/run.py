@@ -251,6 +251,8 @@ class Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.epoch_step = state["epoch"], state["step"], state["epoch_step"]
+        if "world_size" not in state:  # written by one process before data-parallel training
+            state.update(world_size=1, **{key: [state[key]] for key in ("loader", "rng", "cuda_rng")})
         if state["world_size"] != self.world:
             if self.master:
                 restart = (f"epoch {self.epoch + 1} starts again from its first batch (the {self.epoch_step} "
