@@ -45,13 +45,8 @@ def launch(config: Config) -> int:
 def torchrun(config: Config) -> int:
     """This process is rank $RANK of $WORLD_SIZE, started by torchrun (which set up the rendezvous)."""
     local_rank, g = int(os.environ.get("LOCAL_RANK", 0)), config.gpus_per_worker
-    if config.device == "cuda":
-        devices = [torch.device(f"cuda:{local_rank * g + i}") for i in range(g)]
-        torch.cuda.set_device(devices[0])
-    else:
-        devices = [torch.device("cpu")]
-        keep_to_cores(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)), config.cpus_per_worker)
-    torch.set_num_threads(config.cpus_per_worker)
+    devices = place(config, [torch.device(f"cuda:{local_rank * g + i}") for i in range(g)],
+                    local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     dist.init_process_group("nccl" if config.device == "cuda" else "gloo")
     try:
         return train(config, devices)
@@ -113,13 +108,7 @@ def worker(loop_config: dict) -> int:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
     for name in ("trainer", "pipeline"):  # ours, not Ray's chatter; warnings and errors from every rank
         logging.getLogger(name).setLevel(logging.INFO if context.get_world_rank() == 0 else logging.WARNING)
-    if config.device == "cuda":
-        devices = ray.train.torch.get_devices()
-        torch.cuda.set_device(devices[0])  # NCCL's objects travel on the current device
-    else:
-        devices = [torch.device("cpu")]
-        keep_to_cores(context.get_local_rank(), context.get_local_world_size(), config.cpus_per_worker)
-    torch.set_num_threads(config.cpus_per_worker)
+    devices = place(config, ray.train.torch.get_devices(), context.get_local_rank(), context.get_local_world_size())
     here = f"pid {os.getpid()} on {ray.util.get_node_ip_address()} (node {ray.get_runtime_context().get_node_id()[:8]})"
     everyone = [None] * config.workers
     dist.all_gather_object(everyone, here)
@@ -128,6 +117,17 @@ def worker(loop_config: dict) -> int:
         log.info("restarting from the latest checkpoint after a worker failure")
         config.resume = True
     return train(config, devices, on_save=report_checkpoint)  # rank 0's is the run's exit status
+
+
+def place(config: Config, gpus: list, local_rank: int, local_world: int) -> list:
+    """This process's device(s): its GPUs with config.device "cuda" (the first made current: NCCL's
+    objects travel on it), else the CPU, kept to cores of its own; torch's threads, one a core."""
+    torch.set_num_threads(config.cpus_per_worker)
+    if config.device == "cuda":
+        torch.cuda.set_device(gpus[0])
+        return gpus
+    keep_to_cores(local_rank, local_world, config.cpus_per_worker)
+    return [torch.device("cpu")]
 
 
 def keep_to_cores(local_rank: int, local_world: int, count: int):

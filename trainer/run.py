@@ -212,13 +212,14 @@ class Run:
         dist.gather_object(obj, objs, dst=0)
         return objs
 
-    def reduce(self, values, op="sum") -> list[float]:
-        """Sums (op="sum") or maxima (op="max") of the numbers in values over the ranks."""
+    def all_ranks(self, values) -> torch.Tensor:
+        """Every rank's numbers in one exchange: a [world, len(values)] float64 tensor on the CPU, row r rank r's."""
+        mine = torch.tensor([values], dtype=torch.float64, device=self.device)  # NCCL exchanges device tensors
         if self.world == 1:
-            return [float(v) for v in values]
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-        return t.tolist()
+            return mine.cpu()
+        rows = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(rows, mine)
+        return torch.cat(rows).cpu()
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -302,10 +303,9 @@ class Run:
                 elapsed = time.perf_counter() - window_start
                 due = time.monotonic() - last_checkpoint > 60 * config.checkpoint_minutes
                 # host sync: .item() waits for the device; over the ranks: the batch-weighted loss
-                (worst,) = self.reduce([window_wait], op="max")
-                loss_sum, n, window_images, window_wait, due = self.reduce(
-                    [loss.item() * len(labels), len(labels), window_images, window_wait, due])
-                value = loss_sum / n
+                ranks = self.all_ranks([loss.item() * len(labels), len(labels), window_images, window_wait, due])
+                loss_sum, n, window_images, window_wait, due = ranks.sum(0).tolist()
+                worst, value = ranks[:, 3].max().item(), loss_sum / n
                 self.check_finite(value)
                 losses.append(value)
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -326,8 +326,8 @@ class Run:
                     self.save()
                     last_checkpoint = time.monotonic()
         elapsed = time.perf_counter() - started
-        images_seen, total_wait = self.reduce([images_seen, wait])
-        (max_wait,) = self.reduce([wait], op="max")
+        ranks = self.all_ranks([images_seen, wait])
+        (images_seen, total_wait), max_wait = ranks.sum(0).tolist(), ranks[:, 1].max().item()
         return {"train_loss": sum(losses) / max(len(losses), 1), "data_wait": total_wait / self.world / elapsed,
                 "data_wait_max": max_wait / elapsed, "img_s": images_seen / elapsed}
 
@@ -341,7 +341,7 @@ class Run:
         """-> (top-1 error, top-5 error) on val, from the counts summed over the ranks' slices of it;
         ten-crop averages the softmax over the 10 crops."""
         result = errors(self.model, loader, ten_crop, desc="ten-crop" if ten_crop else "val", progress=self.master)
-        wrong1, wrong5, total = self.reduce([result["wrong1"], result["wrong5"], result["total"]])
+        wrong1, wrong5, total = self.all_ranks([result["wrong1"], result["wrong5"], result["total"]]).sum(0).tolist()
         return wrong1 / total, wrong5 / total
 
     def board_hparams(self):
