@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 
 from conftest import BIN, REPO, wait_for
 from test_trainer import losses_by_step, metrics, train
-from trainer.run import Config, Run
+from trainer.config import Config
+from trainer.loop import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def step(rank, world, port, shards, out, batch):
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        run = Run(exact_config(shards, out / f"run{world}"))
+        run = Trainer(exact_config(shards, out / f"run{world}"))
         images, labels = torch.load(batch)
         share = len(labels) // world  # rank r takes the r-th share of the global batch
         before = {k: v.clone() for k, v in run.model.state_dict().items()}

@@ -3,7 +3,7 @@
     python -m trainer.evaluate --checkpoint runs/a/checkpoint.pt --shards shards/              # centre crop
     python -m trainer.evaluate --checkpoint runs/a/checkpoint.pt --shards shards/ --ten-crop   # section 4.1
 
-The loop here is the trainer's own (Run.evaluate calls `errors`), with the normalisation the
+The loop here is the trainer's own (Trainer.evaluate calls `errors`), with the normalisation the
 checkpoint was trained with, so a checkpoint's error here is the one the trainer logged for it.
 """
 import argparse
@@ -13,6 +13,7 @@ from collections import Counter
 
 import torch
 
+from trainer.checkpoint import CheckpointError, read
 from trainer.model import AlexNet
 
 log = logging.getLogger("evaluate")
@@ -34,12 +35,12 @@ def errors(model, loader, ten_crop=False, desc="val", progress=True) -> dict:
                 shown.update(1)
                 continue
             with torch.autocast(first.type, dtype=torch.bfloat16, enabled=first.type == "cuda"):
-                if ten_crop:  # [B, 10, 3, 227, 227]
+                if ten_crop:  # images [B, 10, 3, H, W]; scores: the mean of the 10 crops' probabilities
                     b = images.shape[0]
-                    probs = model(images.flatten(0, 1)).float().softmax(1).view(b, 10, -1).mean(1)
-                else:
-                    probs = model(images).float()
-            top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
+                    scores = model(images.flatten(0, 1)).float().softmax(1).view(b, 10, -1).mean(1)
+                else:  # scores: the logits (the softmax keeps their order)
+                    scores = model(images).float()
+            top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
             labels = labels.to(first)
             missed = top5[:, 0] != labels
             wrong1 += missed.sum().item()  # host sync: waits for the device
@@ -52,11 +53,9 @@ def errors(model, loader, ten_crop=False, desc="val", progress=True) -> dict:
 
 
 def load_checkpoint(path, device):
-    """-> (AlexNet in eval mode on `device` with the checkpoint's weights, the checkpoint's dict)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "classes" not in state:
-        raise ValueError(f"{path} holds no class names (written before they travelled in checkpoints): "
-                         f"train again, or resume the run for an epoch")
+    """-> (AlexNet in eval mode on `device` with the checkpoint's weights, the checkpoint's dict);
+    CheckpointError, one line saying what to do, for a damaged or missing one."""
+    state = read(path)
     model = AlexNet(len(state["classes"]), init="torch", devices=[device])
     model.load_state_dict(state["model"])
     if torch.device(device).type == "cuda":
@@ -90,7 +89,7 @@ def main(argv=None):
         loader = build_loader(args.shards, "val", args.batch_size, device=device, crops="ten" if args.ten_crop else
                               "center", normalisation=state["normalisation"], channels_last=gpu,
                               dtype=torch.bfloat16 if gpu else torch.float32)
-    except (OSError, ValueError, ShardDirError) as e:
+    except (OSError, ValueError, ShardDirError, CheckpointError) as e:
         log.error("%s", e)
         return 2
     result = errors(model, loader, ten_crop=args.ten_crop)

@@ -8,7 +8,7 @@
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HEAD:29500 -m trainer.run --shards DIR --out RUN
 
 Each launcher sets up torch.distributed (NCCL on GPUs, gloo on CPUs), picks this process's
-device(s) and calls trainer.run.train, which knows only its rank and world size. With several
+device(s) and calls trainer.loop.train, which knows only its rank and world size. With several
 replicas, --out must be one folder every node sees (rank 0 writes it, every rank reads the
 checkpoint when it resumes), and so must --shards.
 
@@ -16,19 +16,29 @@ Ray Train: the cluster named by --address / $RAY_ADDRESS, else a private Ray on 
 run. Rank 0 reports every checkpoint to Ray Train (a pointer to RUN/checkpoint.pt); when a worker
 dies, Ray Train starts the worker group again, up to --max-failures times, and the new workers
 resume from that checkpoint.
+
+The run folder is locked for the run's life (RUN/.lock, pipeline/lock.py): by this process, by the
+Ray Train driver, or by torchrun's rank 0. A second trainer on it is refused, naming the holder.
+SIGTERM and SIGINT stop the run with a checkpoint (trainer/stop.py).
 """
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from trainer.run import Config, train
+from pipeline.lock import FolderLock, LockHeld
+from trainer import checkpoint
+from trainer.config import Config, refusal
+from trainer.loop import train
+from trainer.stop import StopRequest, clear_request, request_file
 
 log = logging.getLogger("trainer")
 
@@ -37,19 +47,57 @@ def launch(config: Config) -> int:
     """Start the run the way config and the environment ask for; -> exit status."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return torchrun(config)
-    if config.workers:
-        return ray_train(config)
-    return train(config)
+    with run_folder(config) as problem:
+        if problem:
+            log.error("%s", problem)
+            return 2
+        if config.workers:
+            return ray_train(config)
+        stop = StopRequest()
+        stop.install()
+        return train(config, stop=stop)
+
+
+@contextlib.contextmanager
+def run_folder(config: Config):
+    """Hold the run folder's lock for the run's life; yields why the run cannot go ahead there, or None.
+    A folder made only to be refused is removed again."""
+    out = Path(config.out)
+    made = not out.exists()
+    lock = FolderLock(out, " ".join(sys.argv))
+    try:
+        lock.acquire()
+    except LockHeld as e:
+        yield str(e)
+        return
+    problem = None
+    try:
+        problem = refusal(config)
+        yield problem
+    finally:
+        lock.release()
+        if problem and made and not any(out.iterdir()):
+            out.rmdir()
 
 
 def torchrun(config: Config) -> int:
-    """This process is rank $RANK of $WORLD_SIZE, started by torchrun (which set up the rendezvous)."""
+    """This process is rank $RANK of $WORLD_SIZE, started by torchrun (which set up the rendezvous).
+    Rank 0 holds the run folder's lock; its refusal stops every rank."""
     local_rank, g = int(os.environ.get("LOCAL_RANK", 0)), config.gpus_per_worker
     devices = place(config, [torch.device(f"cuda:{local_rank * g + i}") for i in range(g)],
                     local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    stop = StopRequest()
+    stop.install()
     dist.init_process_group("nccl" if config.device == "cuda" else "gloo")
     try:
-        return train(config, devices)
+        with run_folder(config) if dist.get_rank() == 0 else contextlib.nullcontext() as problem:
+            box = [problem]
+            dist.broadcast_object_list(box, src=0, device=devices[0] if config.device == "cuda" else None)
+            if box[0]:
+                if dist.get_rank() == 0:
+                    log.error("%s", box[0])
+                return 2
+            return train(config, devices, stop=stop)
     finally:
         dist.destroy_process_group()
 
@@ -79,8 +127,11 @@ def ray_train(config: Config) -> int:
                 log.error("%s: lower --workers or --cpus-per-worker, or name a larger cluster with --address", short)
                 return 2
             log.warning("%s: Ray Train waits until the cluster has grown (an autoscaler adds nodes)", short)
-        out = Path(config.out).resolve()
+        out = Path(config.out)
         log.info("Ray Train: %d workers with %s each, on %s", config.workers, resources, address or "a private Ray")
+        # a signal to this driver reaches the workers as RUN/.stop, which rank 0 watches (trainer/stop.py)
+        clear_request(out)
+        StopRequest().install(on_first=lambda signum: request_file(out, signum))
         trainer = TorchTrainer(
             worker, train_loop_config={"config": dataclasses.asdict(config)},
             scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=gpu,
@@ -92,8 +143,10 @@ def ray_train(config: Config) -> int:
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as e:
-            log.error("%s", stopped(e, config, out / "checkpoint.pt"))
+            log.error("%s", stopped(e, config, out / checkpoint.CHECKPOINT))
             return 1
+        finally:
+            clear_request(out)
         return result.return_value
     finally:
         ray.shutdown()
@@ -116,7 +169,10 @@ def worker(loop_config: dict) -> int:
     if ray.train.get_checkpoint() is not None:  # this worker group replaces one that failed
         log.info("restarting from the latest checkpoint after a worker failure")
         config.resume = True
-    return train(config, devices, on_save=report_checkpoint)  # rank 0's is the run's exit status
+    stop = StopRequest()
+    if context.get_world_rank() == 0:  # no signal handler in a worker's thread: the driver's request file
+        stop.watch(config.out)
+    return train(config, devices, on_save=report_checkpoint, stop=stop)  # rank 0's is the run's exit status
 
 
 def place(config: Config, gpus: list, local_rank: int, local_world: int) -> list:
@@ -140,20 +196,20 @@ def keep_to_cores(local_rank: int, local_world: int, count: int):
             os.sched_setaffinity(int(thread), mine)
 
 
-def report_checkpoint(run):
+def report_checkpoint(trainer):
     """Tell Ray Train of the checkpoint just written: a small folder naming it, from rank 0."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if run.master:
-            pointer = {"path": str(run.checkpoint_path.resolve()), "epoch": run.epoch, "step": run.step}
-            Path(folder, "checkpoint.json").write_text(json.dumps(pointer))
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report({"epoch": run.epoch, "step": run.step}, checkpoint=checkpoint)
+        pointer = None
+        if trainer.ranks.master:
+            Path(folder, "checkpoint.json").write_text(json.dumps(
+                {"path": str(trainer.out / checkpoint.CHECKPOINT), "epoch": trainer.epoch, "step": trainer.step}))
+            pointer = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report({"epoch": trainer.epoch, "step": trainer.step}, checkpoint=pointer)
 
 
-def stopped(error, config: Config, checkpoint: Path) -> str:
+def stopped(error, config: Config, latest: Path) -> str:
     """What to say when Ray Train gives up: which worker died, and where to resume from."""
     failures = getattr(error, "worker_failures", {}) or {}
     said = []
@@ -164,11 +220,14 @@ def stopped(error, config: Config, checkpoint: Path) -> str:
         reason = "its process died" if "actor died" in text.lower() else text.strip().splitlines()[-1]
         said.append(f"worker {rank}{where}: {reason}")
     who = "; ".join(said) or str(error).strip().splitlines()[-1]
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-        resume = (f"the latest checkpoint is {checkpoint} (epoch {state['epoch'] + 1}, step {state['epoch_step']} "
-                  f"of it): continue with the same command and --resume")
+    if latest.exists():
+        try:
+            state = checkpoint.read(latest)
+            resume = (f"the latest checkpoint is {latest} (epoch {state['epoch'] + 1}, step {state['epoch_step']} "
+                      f"of it): continue with the same command and --resume")
+        except checkpoint.CheckpointError as e:
+            resume = str(e)
     else:
-        resume = f"no checkpoint was written to {checkpoint} yet: start the run again"
+        resume = f"no checkpoint was written to {latest} yet: start the run again"
     return (f"training stopped after {config.max_failures} restart(s) of the worker group (--max-failures): "
             f"{who}; {resume}")

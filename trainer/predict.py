@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.loader import CROP
+from trainer.checkpoint import CheckpointError
 from trainer.evaluate import load_checkpoint
 
 
@@ -45,7 +46,7 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     try:
         model, state = load_checkpoint(args.checkpoint, device)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, CheckpointError) as e:
         print(f"predict: {e}", file=sys.stderr)
         return 2
     classes, failed = state["classes"], 0

@@ -1,0 +1,143 @@
+"""The trainer's one config: the dataclass (the paper's values as defaults), its flags, and its refusals.
+
+Every field is a flag (`batch_size` -> `--batch-size`, booleans as `--x` / `--no-x`); the comment on
+a field is its flag's help, so `python -m trainer.run --help` says what each does, its default and
+its choices.
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"  # the run folder's latest checkpoint (trainer/checkpoint.py keeps the one before)
+
+
+@dataclass
+class Config:
+    shards: str = ""  # a folder written by jobs/preprocess.py
+    out: str = ""  # run folder; default runs/<time>
+    epochs: int = 90  # section 5: roughly 90 cycles through the training set
+    batch_size: int = 128  # section 5; the global batch, split evenly over the workers
+    lr: float = 0.01  # section 5
+    momentum: float = 0.9  # section 5
+    weight_decay: float = 5e-4  # section 5
+    lr_factor: float = 0.1  # section 5: lr divided by 10 when the validation error stops improving
+    lr_patience: int = 1  # epochs without a better validation error before the lr is divided
+    optimizer: str = "sgd"  # sgd (section 5) or adam (the demo's quick recipe)
+    init: str = "paper"  # paper (section 5: N(0, 0.01), biases 1 in conv2/4/5, fc6/7) or torch's own
+    dropout: float = 0.5  # section 4.2, in fc6 and fc7
+    augment: bool = True  # random crops, flips, Fancy PCA (section 4.1); else centre crops
+    fancy_pca_sigma: float = 0.1  # section 4.1
+    device: str = ""  # cpu or cuda; default cuda if present
+    gpus_per_worker: int = 1  # (also --gpus) 2: tower 0 on the first GPU, tower 1 on the second (section 3.2)
+    workers: int = 0  # data-parallel replicas on Ray Train; 0: this process alone (torchrun sets its own)
+    cpus_per_worker: int = 1  # CPU cores of a Ray Train worker: its torch threads and DALI threads
+    address: str = ""  # the Ray cluster for --workers; default $RAY_ADDRESS, else a private Ray on 127.0.0.1
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint before a Ray Train run stops
+    seed: int = 0  # initial weights, dropout masks, augmentation, shard order
+    log_every: int = 20  # steps between log lines and metrics lines
+    checkpoint_minutes: float = 10.0  # between checkpoints, besides the one at each epoch's end and at a SIGTERM
+    steps_per_epoch: int = 0  # cap on training steps per epoch (0: the whole epoch)
+    ten_crop: bool = True  # at the end: ten-crop top-1/top-5 error (section 4.1)
+    verify_shards: bool = True  # sha256 of every shard against the manifest before the first step
+    resume: bool = False  # continue from the run folder's checkpoint
+
+
+CHOICES = {"optimizer": ("sgd", "adam"), "init": ("paper", "torch"), "device": ("cpu", "cuda"),
+           "gpus_per_worker": (1, 2)}
+AT_LEAST = {"epochs": 1, "batch_size": 1, "log_every": 1, "cpus_per_worker": 1, "workers": 0, "max_failures": 0,
+            "steps_per_epoch": 0, "checkpoint_minutes": 0}
+
+
+def field_help() -> dict:
+    """{field name: the comment on its line in Config}: the comments are the flags' help."""
+    lines = inspect.getsource(Config).splitlines()
+    return {m[1]: m[2] for m in (re.match(r"\s+(\w+): \w+ = .*?#\s*(.*)$", line) for line in lines) if m}
+
+
+def parse_args(argv=None, doc=None) -> Config:
+    """The command line as a Config, refused with one line (exit 2) where it cannot be run.
+    doc: the command's description (trainer/run.py's docstring)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = field_help()
+    for field in dataclasses.fields(Config):
+        flags = ["--" + field.name.replace("_", "-")] + (["--gpus"] if field.name == "gpus_per_worker" else [])
+        default = "" if field.default in ("", None) else f" (default: {field.default})"
+        kwargs = dict(help=helps[field.name] + ("" if field.type is bool else default))
+        if field.type is bool:
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=field.default, **kwargs)
+        else:
+            p.add_argument(*flags, type=field.type, default=field.default, required=field.name == "shards",
+                           choices=CHOICES.get(field.name), **kwargs)
+    config = Config(**vars(p.parse_args(argv)))  # an unknown flag or choice is an argparse error
+    for name, least in AT_LEAST.items():
+        if getattr(config, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be {least} or more, not {getattr(config, name)}")
+    world = config.workers or int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets WORLD_SIZE
+    if config.batch_size % world:
+        p.error(f"--batch-size {config.batch_size} is the global batch and must split evenly over {world} "
+                f"workers: choose a multiple of {world}")
+    if not config.workers:  # Ray Train's workers use the cluster's GPUs, which need not be this machine's
+        config.device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if config.gpus_per_worker == 2 and config.device != "cuda":
+            p.error("--gpus 2 places the towers on two CUDA GPUs: it needs --device cuda")
+        needed = 2 * int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if config.gpus_per_worker == 2 else 0
+        if torch.cuda.device_count() < needed:
+            p.error(f"--gpus 2 needs {needed} CUDA GPUs here; this machine has {torch.cuda.device_count()}")
+    config.out = config.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+    # Ray Train's workers and a resumed job start elsewhere: every path they see is absolute. Inside
+    # `ray job submit --working-dir` the current folder is a copy that Ray deletes when the job ends.
+    for name in ("shards", "out"):
+        value = getattr(config, name)
+        if "runtime_resources" in os.getcwd() and not os.path.isabs(value):
+            p.error(f"--{name} {value} is relative to the job's copy of the working dir, which Ray deletes: "
+                    f"give a path every node sees, absolute")
+        setattr(config, name, str(Path(value).absolute()))
+    return config
+
+
+def refusal(config: Config) -> str | None:
+    """Why config.out cannot take this run, or None."""
+    out = Path(config.out)
+    from trainer.checkpoint import checkpoints
+
+    kept = checkpoints(out)
+    if kept and not config.resume:
+        return f"{out} already holds a run: pass --resume to continue it, or choose another --out"
+    if config.resume and not kept:
+        return f"--resume: {out} has no {CHECKPOINT} to continue from: start the run without --resume"
+    if config.resume and (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text())
+        # what the saved state depends on; the number of workers may change
+        for key in ("batch_size", "seed", "augment", "gpus_per_worker"):
+            if saved.get(key, getattr(config, key)) != getattr(config, key):
+                return (f"--resume: {out} was trained with --{key.replace('_', '-')} {saved[key]}, not "
+                        f"{getattr(config, key)}: resume with the same, or start a new --out")
+        if Path(saved.get("shards", config.shards)).absolute() != Path(config.shards):
+            return (f"--resume: {out} was trained on --shards {saved['shards']}, not {config.shards}: "
+                    f"resume with the same, or start a new --out")
+    return None
+
+
+def write_config(config: Config):
+    """RUN/config.json: the resolved config and the git commit it ran, and the same in the log."""
+    (Path(config.out) / "config.json").write_text(json.dumps({**dataclasses.asdict(config),
+                                                              "git_commit": git_commit()}, indent=1) + "\n")
+    logging.getLogger("trainer").info("config: %s", json.dumps(dataclasses.asdict(config)))
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except OSError:
+        return None
