@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import BIN, REPO, wait_for
-from test_trainer import losses_by_step, metrics, train
+from test_trainer import losses_by_step, metrics, start, train
 from trainer.config import Config
 from trainer.loop import Trainer
 
@@ -62,17 +62,6 @@ def test_two_replicas_take_the_step_one_process_takes_with_the_whole_batch(shard
         for name, value in after.items():
             torch.testing.assert_close(start[name], before[name], rtol=0, atol=0, msg=name)
             torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-7, msg=name)
-
-
-def start(shards, out, *args, env=None):
-    """The trainer in the background, its output in out.log; -> (Popen, log path)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = out.parent / f"{out.name}.log"
-    cmd = [sys.executable, "-m", "trainer.run", "--shards", str(shards), "--out", str(out), *map(str, args)]
-    with open(log, "w") as f:
-        job = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, **(env or {})})
-    return job, log
 
 
 def worker_pids(log):

@@ -23,27 +23,27 @@ CHECKPOINT = "checkpoint.pt"  # the run folder's latest checkpoint (trainer/chec
 
 @dataclass
 class Config:
-    shards: str = ""  # a folder written by jobs/preprocess.py
+    shards: str = ""  # (required) a folder written by jobs/preprocess.py
     out: str = ""  # run folder; default runs/<time>
-    epochs: int = 90  # section 5: roughly 90 cycles through the training set
-    batch_size: int = 128  # section 5; the global batch, split evenly over the workers
-    lr: float = 0.01  # section 5
-    momentum: float = 0.9  # section 5
-    weight_decay: float = 5e-4  # section 5
-    lr_factor: float = 0.1  # section 5: lr divided by 10 when the validation error stops improving
+    epochs: int = 90  # passes over the training set (section 5: roughly 90 cycles)
+    batch_size: int = 128  # images per step over all workers (section 5), split evenly over them
+    lr: float = 0.01  # learning rate at the start (section 5)
+    momentum: float = 0.9  # SGD's momentum (section 5)
+    weight_decay: float = 5e-4  # L2 weight decay (section 5)
+    lr_factor: float = 0.1  # what the lr is multiplied by when the validation error stops improving (section 5)
     lr_patience: int = 1  # epochs without a better validation error before the lr is divided
     optimizer: str = "sgd"  # sgd (section 5) or adam (the demo's quick recipe)
     init: str = "paper"  # paper (section 5: N(0, 0.01), biases 1 in conv2/4/5, fc6/7) or torch's own
-    dropout: float = 0.5  # section 4.2, in fc6 and fc7
+    dropout: float = 0.5  # dropout probability in fc6 and fc7 (section 4.2)
     augment: bool = True  # random crops, flips, Fancy PCA (section 4.1); else centre crops
-    fancy_pca_sigma: float = 0.1  # section 4.1
+    fancy_pca_sigma: float = 0.1  # std of Fancy PCA's per-image alpha (section 4.1)
     device: str = ""  # cpu or cuda; default cuda if present
     gpus_per_worker: int = 1  # (also --gpus) 2: tower 0 on the first GPU, tower 1 on the second (section 3.2)
     workers: int = 0  # data-parallel replicas on Ray Train; 0: this process alone (torchrun sets its own)
     cpus_per_worker: int = 1  # CPU cores of a Ray Train worker: its torch threads and DALI threads
     address: str = ""  # the Ray cluster for --workers; default $RAY_ADDRESS, else a private Ray on 127.0.0.1
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before a Ray Train run stops
-    seed: int = 0  # initial weights, dropout masks, augmentation, shard order
+    seed: int = 0  # seeds the initial weights, dropout masks, augmentation and shard order
     log_every: int = 20  # steps between log lines and metrics lines
     checkpoint_minutes: float = 10.0  # between checkpoints, besides the one at each epoch's end and at a SIGTERM
     steps_per_epoch: int = 0  # cap on training steps per epoch (0: the whole epoch)
@@ -67,12 +67,13 @@ def field_help() -> dict:
 def parse_args(argv=None, doc=None) -> Config:
     """The command line as a Config, refused with one line (exit 2) where it cannot be run.
     doc: the command's description (trainer/run.py's docstring)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m trainer.run", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = field_help()
     for field in dataclasses.fields(Config):
         flags = ["--" + field.name.replace("_", "-")] + (["--gpus"] if field.name == "gpus_per_worker" else [])
-        default = "" if field.default in ("", None) else f" (default: {field.default})"
-        kwargs = dict(help=helps[field.name] + ("" if field.type is bool else default))
+        default = ("on" if field.default else "off") if field.type is bool else field.default
+        kwargs = dict(help=helps[field.name] + ("" if default == "" else f" (default: {default})"))
         if field.type is bool:
             p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=field.default, **kwargs)
         else:
