@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import BIN, REPO, wait_for
-from test_trainer import losses_by_step, metrics, start, train
+from test_trainer import kill_group, losses_by_step, metrics, start, train
 from trainer.config import Config
 from trainer.loop import Trainer
 
@@ -88,11 +88,23 @@ ARGS = ["--epochs", 1, "--batch-size", 4, "--steps-per-epoch", 6, "--log-every",
         "--no-ten-crop", "--workers", 2]
 
 
-def test_ray_train_survives_a_killed_worker_and_resumes_exactly(shards, tmp_path):
-    clean = tmp_path / "clean"
-    result = train(shards, clean, *[a for a in ARGS if a != "--no-ten-crop"])
+TWO_EPOCHS = ["--epochs", 2, *ARGS[2:]]
+NO_TIMED_CHECKPOINTS = ["--epochs", 2, "--batch-size", 4, "--steps-per-epoch", 6, "--log-every", 1, "--no-ten-crop",
+                        "--workers", 2]  # checkpoints 10 minutes apart: none but the epochs' and the stop's
+
+
+@pytest.fixture(scope="module")
+def clean(shards, tmp_path_factory):
+    """Two epochs on two Ray Train workers, nothing in the way: the losses the others must give."""
+    out = tmp_path_factory.mktemp("launch") / "clean"
+    result = train(shards, out, *[a for a in TWO_EPOCHS if a != "--no-ten-crop"])
     assert "workers: 0: pid" in result.stdout + result.stderr
-    (epoch,), (final,) = metrics(clean, "epoch"), metrics(clean, "final")
+    assert sorted(losses_by_step(out)) == list(range(1, 13))
+    return out
+
+
+def test_ray_train_validates_over_both_workers_as_one_process_does(shards, clean):
+    epoch, final = metrics(clean, "epoch")[-1], metrics(clean, "final")[0]
     assert epoch["workers"] == 2 and 0 <= epoch["data_wait"] <= epoch["data_wait_max"] < 1
     state = torch.load(clean / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["loader"]) == len(state["rng"]) == 2
@@ -103,19 +115,70 @@ def test_ray_train_survives_a_killed_worker_and_resumes_exactly(shards, tmp_path
         wrong, total = map(int, re.search(r"top-1 error [\d.]+% \((\d+) of (\d+)\)", single.stdout).groups())
         assert total == 9 and error == pytest.approx(wrong / total)
 
+
+def test_ray_train_survives_a_killed_worker_and_resumes_exactly(shards, clean, tmp_path):
     out = tmp_path / "killed"
-    job, log = start(shards, out, *ARGS)
+    job, log = start(shards, out, *TWO_EPOCHS)
     try:
         kill_worker_mid_epoch(job, log, out)
         assert job.wait(timeout=600) == 0, log.read_text()[-5000:]
     finally:
-        os.killpg(job.pid, signal.SIGKILL)
+        kill_group(job)
     text = log.read_text()
     assert "restarting from the latest checkpoint after a worker failure" in text
     assert re.search(rf"resumed {out} at epoch 1 step [2-5]\b", text)
     # the planned steps, each once, and the restarted workers took the batches the clean run took
-    assert losses_by_step(out) == losses_by_step(clean) and sorted(losses_by_step(out)) == list(range(1, 7))
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert losses_by_step(out) == losses_by_step(clean)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def stop_at_step_2(job, log, pid):
+    """SIGTERM to `pid` once the run has logged its second step; -> the job's exit status."""
+    try:
+        wait_for(lambda: "epoch 1 step 2/6" in log.read_text() or job.poll() is not None, timeout=400, interval=0.1)
+        os.kill(pid, signal.SIGTERM)
+        return job.wait(timeout=300)
+    finally:
+        kill_group(job)
+
+
+def stopped_checkpoint(out, text):
+    """The checkpoint a stopped two-worker run left, checked against what rank 0 said."""
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 2 and 2 <= state["step"] < 12, "stopped with a checkpoint of both workers"
+    where = f"at epoch {state['epoch'] + 1} step {state['epoch_step']}/6" if state["epoch_step"] else \
+        f"after epoch {state['epoch']}"  # a stop at an epoch's end
+    assert (f"stopped by SIGTERM {where}: the checkpoint is {out}/checkpoint.pt; continue with the same command "
+            f"and --resume") in text, text[-3000:]
+    return state
+
+
+def test_sigterm_to_the_ray_train_driver_stops_both_workers_at_one_step_and_resume_continues(shards, clean, tmp_path):
+    out = tmp_path / "stopped"
+    job, log = start(shards, out, *NO_TIMED_CHECKPOINTS)
+    assert stop_at_step_2(job, log, job.pid) == 128 + signal.SIGTERM, log.read_text()[-5000:]
+    stopped_checkpoint(out, log.read_text())
+    assert not (out / ".stop").exists() and not (out / ".lock").exists()
+    train(shards, out, *NO_TIMED_CHECKPOINTS, "--resume")
+    assert losses_by_step(out) == losses_by_step(clean)
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resume_continues(shards, clean, tmp_path):
+    out = tmp_path / "stopped"
+    args = NO_TIMED_CHECKPOINTS[:-2]  # torchrun's ranks, not --workers
+    torchrun = [BIN / "torchrun", "--standalone", "--nproc-per-node", 2, "-m", "trainer.run", "--shards", shards,
+                "--out", out, *args]
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as f:
+        job = subprocess.Popen([*map(str, torchrun)], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    assert stop_at_step_2(job, log, job.pid) != 0  # torchrun passes the signal on, then reports it
+    text = log.read_text()
+    assert text.count("trainer: SIGTERM: stopping after this step with a checkpoint") == 2  # each rank heard it
+    stopped_checkpoint(out, text)
+    resumed = subprocess.run([*map(str, torchrun), "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert losses_by_step(out) == losses_by_step(clean)  # torchrun's two ranks take the batches Ray Train's take
 
 
 def test_past_max_failures_it_names_the_worker_and_resumes_with_another_count(shards, tmp_path):

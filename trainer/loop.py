@@ -286,9 +286,11 @@ class Trainer:
     def stopped(self) -> int:
         """The checkpoint is written; -> the exit status of a run stopped by a signal."""
         if self.ranks.master:
-            log.warning("stopped by %s at epoch %d step %d/%d: the checkpoint is %s; continue with the same command "
-                        "and --resume", self.stop.signal.name if self.stop.asked else "another worker's signal",
-                        self.epoch + 1, self.epoch_step, self.steps, self.out / checkpoint.CHECKPOINT)
+            where = (f"at epoch {self.epoch + 1} step {self.epoch_step}/{self.steps}" if self.epoch_step else
+                     f"after epoch {self.epoch}")
+            log.warning("stopped by %s %s: the checkpoint is %s; continue with the same command and --resume",
+                        self.stop.signal.name if self.stop.asked else "another worker's signal", where,
+                        self.out / checkpoint.CHECKPOINT)
         return self.stop.exit_status if self.stop.asked else 128 + 15
 
 
