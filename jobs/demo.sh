@@ -4,7 +4,7 @@
 #   2. a Ray head on 127.0.0.1 and `ray job submit -- python jobs/preprocess.py`; Ray is stopped
 #      however this script ends
 #   3. python -m trainer.run with the demo's quick recipe, on the best device present
-#   4. python -m pipeline.bench --shards
+#   4. python -m trainer.bench --shards
 #   5. python -m trainer.predict on a few val digits, python -m trainer.evaluate
 # Everything it makes is reused by the next run: the tree is kept, the preprocessing resumes
 # (and finds nothing to do), the training resumes from its checkpoint.
@@ -55,7 +55,7 @@ step python -m trainer.run --shards "$SHARDS" --out "$RUN" --epochs "$EPOCHS" --
     --init torch --optimizer adam --lr 1e-4 --lr-patience 100 --log-every 15 "${resume[@]}"
 
 echo "== 4/5 input-pipeline benchmark"
-step python -m pipeline.bench --shards "$SHARDS" --batch-size 32 --seconds 5 --json "$RUN/bench.json" \
+step python -m trainer.bench --shards "$SHARDS" --batch-size 32 --seconds 5 --json "$RUN/bench.json" \
     --plot "$RUN/bench.png"
 
 echo "== 5/5 the trained network on a few digits it has not trained on (val/), then its confusions"

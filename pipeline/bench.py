@@ -1,7 +1,8 @@
 """Benchmarks, each measured in one run on this machine and printed as one table.
 
     python -m pipeline.bench --src TREE      # the preprocessing job on all cores vs one bare loop
-    python -m pipeline.bench --shards DIR    # the input pipeline beside what it must feed
+    python -m pipeline.bench --shards DIR    # the input pipeline beside its ceiling and a hand-written one
+    python -m trainer.bench --shards DIR     # the same, and whether it can feed the model (needs the model)
 
 Figures are images per second. `--json FILE` writes the same figures as JSON, `--plot FILE` draws
 them as a bar chart (PNG). For --shards:
@@ -9,7 +10,6 @@ them as a bar chart (PNG). For --shards:
   train_pipeline  build_loader(crops="random") on the device, tensors handed over
   baseline        what a user writes today: webdataset + Pillow crop/flip/Fancy PCA/normalise in a
                   torch DataLoader with one worker per core
-  model           the trainer's AlexNet forward+backward on synthetic batches of the same size
 """
 import argparse
 import json
@@ -64,7 +64,7 @@ def bench_preprocess(src, cores):
             "ratio_to_cores_x_single": job / (cores * single)}
 
 
-def _rate(batches, seconds, warmup=2):
+def rate(batches, seconds, warmup=2):
     """images/s over an endless iterable of batch sizes, after `warmup` batches, for >= `seconds`."""
     it = iter(batches)
     for _ in range(warmup):
@@ -115,12 +115,11 @@ def bench_loader(shards, device, batch_size, seconds, cores):
 
     loader = build_loader(shards, batch_size=batch_size, device=device, crops="random", num_threads=cores)
     figures = {"device": str(device), "batch_size": batch_size, "cores": cores,
-               "decode_only": _rate(decoded_batches(), seconds),
-               "train_pipeline": _rate((sync(len(y)) for y in _epochs(lambda: (y for _, y in loader))), seconds)}
+               "decode_only": rate(decoded_batches(), seconds),
+               "train_pipeline": rate((sync(len(y)) for y in _epochs(lambda: (y for _, y in loader))), seconds)}
     del pipe, loader
-    figures["baseline"] = _rate(_epochs(lambda: (len(y) for _, y in _baseline(tars, read_pca(shards), batch_size, cores))),
+    figures["baseline"] = rate(_epochs(lambda: (len(y) for _, y in _baseline(tars, read_pca(shards), batch_size, cores))),
                                 seconds)
-    figures["model"] = _model_rate(device, batch_size, seconds)
     return figures
 
 
@@ -136,9 +135,11 @@ def _baseline(tars, pca, batch_size, workers):
 class _BaselineTransform:
     """Pillow crop and flip, numpy Fancy PCA and normalisation: a typical hand-written transform."""
 
-    def __init__(self, pca, size=227, sigma=0.1):
+    def __init__(self, pca, sigma=0.1):
         import numpy as np
-        self.np, self.size, self.sigma = np, size, sigma
+
+        from pipeline.loader import CROP
+        self.np, self.size, self.sigma = np, CROP, sigma
         self.mean, self.std = np.array(pca["mean"], np.float32), np.array(pca["std"], np.float32)
         self.P, self.scale = np.array(pca["eigenvectors"]), np.sqrt(np.maximum(pca["eigenvalues"], 0))
 
@@ -157,43 +158,14 @@ class _BaselineTransform:
         return torch.from_numpy(pixels.transpose(2, 0, 1).copy()), int(cls)
 
 
-def _model_rate(device, batch_size, seconds):
-    """The measurement that needs the trainer's net: the one place the pipeline's tools import it."""
-    import torch
-
-    from trainer.model import AlexNet
-
-    model = AlexNet(num_classes=1000).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch_size, 3, 227, 227, device=device)
-    y = torch.randint(0, 1000, (batch_size,), device=device)
-    gpu = torch.device(device).type == "cuda"
-
-    def steps():
-        while True:
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=gpu):
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if gpu:
-                torch.cuda.synchronize()
-            yield batch_size
-
-    return _rate(steps(), seconds, warmup=1)
-
-
 def _import_task_modules():
     import pipeline.preprocess  # noqa: F401
 
     time.sleep(0.5)  # hold this worker, so that every warm-up call lands on another
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--src", help="an image tree: benchmark the preprocessing job")
-    source.add_argument("--shards", help="a shard folder: benchmark the input pipeline")
+def add_loader_arguments(p):
+    """The flags of an input-pipeline benchmark (this one's --shards, and trainer.bench's)."""
     p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
                    help="Ray workers, DALI threads and DataLoader workers")
     p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if there is a GPU)")
@@ -201,10 +173,19 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=10.0, help="how long each --shards figure is measured")
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--plot", help="also draw the figures as a bar chart into this PNG")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--src", help="an image tree: benchmark the preprocessing job")
+    source.add_argument("--shards", help="a shard folder: benchmark the input pipeline")
+    add_loader_arguments(p)
     args = p.parse_args(argv)
     if args.shards:
-        figures = bench_loader_report(args)
-        bars = {name: figures[name] for name in ("decode_only", "train_pipeline", "baseline", "model")}
+        figures = bench_loader(args.shards, pick_device(args), args.batch_size, args.seconds, args.cores)
+        print(table(loader_rows(figures), loader_title(args, figures)))
+        bars = {name: figures[name] for name in ("decode_only", "train_pipeline", "baseline")}
         title = f"input pipeline on {figures['device']}, batch {args.batch_size}, {args.cores} cores"
     else:
         figures = bench_preprocess_report(args)
@@ -239,22 +220,24 @@ def plot(bars, title, path):
     plt.close(figure)
 
 
-def bench_loader_report(args):
+def pick_device(args) -> str:
     import torch
-    device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-    f = bench_loader(args.shards, device, args.batch_size, args.seconds, args.cores)
-    feed = f["train_pipeline"] / f["model"]
-    print(table([
+    return args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def loader_title(args, figures) -> str:
+    return f"input pipeline: {args.shards} on {figures['device']}, batch {args.batch_size}, {args.cores} cores"
+
+
+def loader_rows(f) -> list:
+    """The input pipeline's figures as table rows."""
+    return [
         ("decode_only", f"{f['decode_only']:9,.0f} img/s  DALI decode to RGB uint8, nothing else (the ceiling)"),
         ("train_pipeline", f"{f['train_pipeline']:9,.0f} img/s  build_loader(crops='random'): "
                            f"{f['train_pipeline'] / f['decode_only']:.2f} x decode_only"),
-        ("baseline", f"{f['baseline']:9,.0f} img/s  webdataset + Pillow, DataLoader with {args.cores} workers: "
+        ("baseline", f"{f['baseline']:9,.0f} img/s  webdataset + Pillow, DataLoader with {f['cores']} workers: "
                      f"train_pipeline is {f['train_pipeline'] / f['baseline']:.1f} x"),
-        ("model", f"{f['model']:9,.0f} img/s  AlexNet forward+backward, batch {args.batch_size}"),
-    ], f"input pipeline: {args.shards} on {device}, batch {args.batch_size}, {args.cores} cores"))
-    verdict = "can" if feed >= 1 else "can NOT"
-    print(f"verdict: the pipeline {verdict} feed the model: {feed:,.1f} x what it consumes")
-    return f
+    ]
 
 
 def bench_preprocess_report(args):

@@ -29,13 +29,14 @@ def test_miniature_demo(tmp_path, ray_head):
               "--no-ten-crop", "--log-every", 1)
     assert "epoch 1: train loss" in log and (out / "kernels.png").exists()
 
-    log = run(sys.executable, "-m", "pipeline.bench", "--shards", shards, "--batch-size", 8, "--seconds", 0.5,
+    log = run(sys.executable, "-m", "trainer.bench", "--shards", shards, "--batch-size", 8, "--seconds", 0.5,
               "--json", tmp_path / "loader.json", "--plot", tmp_path / "loader.png")
     assert Image.open(tmp_path / "loader.png").info["Software"].startswith("Matplotlib")
     figures = json.loads((tmp_path / "loader.json").read_text())
     assert set(figures) >= {"decode_only", "train_pipeline", "baseline", "model", "device"}
     assert all(figures[k] > 0 for k in ("decode_only", "train_pipeline", "baseline", "model"))
-    assert "verdict: the pipeline" in log
+    feed = figures["train_pipeline"] / figures["model"]
+    assert f"verdict: the pipeline {'can' if feed >= 1 else 'cannot'} feed the model: {feed:,.1f} x" in log
 
     run(sys.executable, "-m", "pipeline.bench", "--src", tree, "--json", tmp_path / "job.json")
     figures = json.loads((tmp_path / "job.json").read_text())

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import CHECKPOINT
-
 log = logging.getLogger("trainer")
 
+CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint-previous.pt"
 TEMPORARY = ".checkpoint.pt.tmp"
 REQUIRED = ("model", "epoch", "step", "classes")  # what every reader of a checkpoint uses

@@ -18,9 +18,6 @@ from pathlib import Path
 
 import torch
 
-CHECKPOINT = "checkpoint.pt"  # the run folder's latest checkpoint (trainer/checkpoint.py keeps the one before)
-
-
 @dataclass
 class Config:
     shards: str = ""  # (required) a folder written by jobs/preprocess.py
@@ -104,29 +101,6 @@ def parse_args(argv=None, doc=None) -> Config:
                     f"give a path every node sees, absolute")
         setattr(config, name, str(Path(value).absolute()))
     return config
-
-
-def refusal(config: Config) -> str | None:
-    """Why config.out cannot take this run, or None."""
-    out = Path(config.out)
-    from trainer.checkpoint import checkpoints
-
-    kept = checkpoints(out)
-    if kept and not config.resume:
-        return f"{out} already holds a run: pass --resume to continue it, or choose another --out"
-    if config.resume and not kept:
-        return f"--resume: {out} has no {CHECKPOINT} to continue from: start the run without --resume"
-    if config.resume and (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text())
-        # what the saved state depends on; the number of workers may change
-        for key in ("batch_size", "seed", "augment", "gpus_per_worker"):
-            if saved.get(key, getattr(config, key)) != getattr(config, key):
-                return (f"--resume: {out} was trained with --{key.replace('_', '-')} {saved[key]}, not "
-                        f"{getattr(config, key)}: resume with the same, or start a new --out")
-        if Path(saved.get("shards", config.shards)).absolute() != Path(config.shards):
-            return (f"--resume: {out} was trained on --shards {saved['shards']}, not {config.shards}: "
-                    f"resume with the same, or start a new --out")
-    return None
 
 
 def write_config(config: Config):

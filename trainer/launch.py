@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from pipeline.lock import FolderLock, LockHeld
 from trainer import checkpoint
-from trainer.config import Config, refusal
+from trainer.config import Config
 from trainer.loop import train
 from trainer.stop import StopRequest, clear_request, request_file
 
@@ -78,6 +78,27 @@ def run_folder(config: Config):
         lock.release()
         if problem and made and not any(out.iterdir()):
             out.rmdir()
+
+
+def refusal(config: Config) -> str | None:
+    """Why config.out cannot take this run, or None."""
+    out = Path(config.out)
+    kept = checkpoint.checkpoints(out)
+    if kept and not config.resume:
+        return f"{out} already holds a run: pass --resume to continue it, or choose another --out"
+    if config.resume and not kept:
+        return f"--resume: {out} has no {checkpoint.CHECKPOINT} to continue from: start the run without --resume"
+    if config.resume and (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text())
+        # what the saved state depends on; the number of workers may change
+        for key in ("batch_size", "seed", "augment", "gpus_per_worker"):
+            if saved.get(key, getattr(config, key)) != getattr(config, key):
+                return (f"--resume: {out} was trained with --{key.replace('_', '-')} {saved[key]}, not "
+                        f"{getattr(config, key)}: resume with the same, or start a new --out")
+        if Path(saved.get("shards", config.shards)).absolute() != Path(config.shards):
+            return (f"--resume: {out} was trained on --shards {saved['shards']}, not {config.shards}: "
+                    f"resume with the same, or start a new --out")
+    return None
 
 
 def torchrun(config: Config) -> int:

@@ -1,0 +1,67 @@
+"""Can the input pipeline feed the model? pipeline.bench's figures beside AlexNet's own rate, one table.
+
+    python -m trainer.bench --shards DIR [--device cuda:0] [--batch-size 128] [--plot bench.png]
+
+  model    the trainer's AlexNet forward+backward (one SGD step) on synthetic batches of the same size,
+           bf16 autocast on CUDA
+  verdict  train_pipeline / model: at 1 or more the GPUs (or cores) never wait on data
+
+It lives here, not in pipeline/, because it needs the model: the pipeline never imports the trainer.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.bench import add_loader_arguments, bench_loader, loader_rows, loader_title, pick_device, plot, rate, table
+from pipeline.loader import CROP
+from trainer.model import AlexNet
+
+
+def model_rate(device, batch_size, seconds) -> float:
+    """img/s of AlexNet's training step (1000 classes) on random [batch_size, 3, 227, 227] batches."""
+    model = AlexNet(num_classes=1000).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch_size, 3, CROP, CROP, device=device)
+    y = torch.randint(0, 1000, (batch_size,), device=device)
+    gpu = torch.device(device).type == "cuda"
+
+    def steps():
+        while True:
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=gpu):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if gpu:
+                torch.cuda.synchronize()
+            yield batch_size
+
+    return rate(steps(), seconds, warmup=1)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, help="a shard folder written by jobs/preprocess.py")
+    add_loader_arguments(p)
+    args = p.parse_args(argv)
+    device = pick_device(args)
+    figures = bench_loader(args.shards, device, args.batch_size, args.seconds, args.cores)
+    figures["model"] = model_rate(device, args.batch_size, args.seconds)
+    feed = figures["train_pipeline"] / figures["model"]
+    rows = loader_rows(figures) + [
+        ("model", f"{figures['model']:9,.0f} img/s  AlexNet forward+backward, batch {args.batch_size}")]
+    print(table(rows, loader_title(args, figures)))
+    print(f"verdict: the pipeline {'can' if feed >= 1 else 'cannot'} feed the model: {feed:,.1f} x what it consumes")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+    if args.plot:
+        bars = {name: figures[name] for name in ("decode_only", "train_pipeline", "baseline", "model")}
+        plot(bars, f"input pipeline on {device}, batch {args.batch_size}, {args.cores} cores", args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
