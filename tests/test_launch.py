@@ -94,10 +94,10 @@ NO_TIMED_CHECKPOINTS = ["--epochs", 2, "--batch-size", 4, "--steps-per-epoch", 6
 
 
 @pytest.fixture(scope="module")
-def clean(shards, tmp_path_factory):
+def clean(shards, tmp_path_factory, ray_head):
     """Two epochs on two Ray Train workers, nothing in the way: the losses the others must give."""
     out = tmp_path_factory.mktemp("launch") / "clean"
-    result = train(shards, out, *[a for a in TWO_EPOCHS if a != "--no-ten-crop"])
+    result = train(shards, out, *[a for a in TWO_EPOCHS if a != "--no-ten-crop"], "--address", ray_head)
     assert "workers: 0: pid" in result.stdout + result.stderr
     assert sorted(losses_by_step(out)) == list(range(1, 13))
     return out
@@ -116,9 +116,9 @@ def test_ray_train_validates_over_both_workers_as_one_process_does(shards, clean
         assert total == 9 and error == pytest.approx(wrong / total)
 
 
-def test_ray_train_survives_a_killed_worker_and_resumes_exactly(shards, clean, tmp_path):
+def test_ray_train_survives_a_killed_worker_and_resumes_exactly(shards, clean, tmp_path, ray_head):
     out = tmp_path / "killed"
-    job, log = start(shards, out, *TWO_EPOCHS)
+    job, log = start(shards, out, *TWO_EPOCHS, "--address", ray_head)
     try:
         kill_worker_mid_epoch(job, log, out)
         assert job.wait(timeout=600) == 0, log.read_text()[-5000:]
@@ -132,10 +132,12 @@ def test_ray_train_survives_a_killed_worker_and_resumes_exactly(shards, clean, t
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
 
 
-def stop_at_step_2(job, log, pid):
-    """SIGTERM to `pid` once the run has logged its second step; -> the job's exit status."""
+def stop_after_step(job, log, pid, after=2):
+    """SIGTERM to `pid` once the run has logged step `after` (of the run, counted from 1); -> the job's exit status."""
+    epoch, step = divmod(after - 1, 6)
     try:
-        wait_for(lambda: "epoch 1 step 2/6" in log.read_text() or job.poll() is not None, timeout=400, interval=0.1)
+        wait_for(lambda: f"epoch {epoch + 1} step {step + 1}/6" in log.read_text() or job.poll() is not None,
+                 timeout=400, interval=0.1)
         os.kill(pid, signal.SIGTERM)
         return job.wait(timeout=300)
     finally:
@@ -153,42 +155,40 @@ def stopped_checkpoint(out, text):
     return state
 
 
-def test_sigterm_to_the_ray_train_driver_stops_both_workers_at_one_step_and_resume_continues(shards, clean, tmp_path):
+def test_sigterm_to_the_ray_train_driver_then_to_torchrun_stops_both_workers_at_one_step_each_time(
+        shards, clean, tmp_path, ray_head):
     out = tmp_path / "stopped"
-    job, log = start(shards, out, *NO_TIMED_CHECKPOINTS)
-    assert stop_at_step_2(job, log, job.pid) == 128 + signal.SIGTERM, log.read_text()[-5000:]
-    stopped_checkpoint(out, log.read_text())
+    job, log = start(shards, out, *NO_TIMED_CHECKPOINTS, "--address", ray_head)  # the driver alone gets the signal
+    assert stop_after_step(job, log, job.pid) == 128 + signal.SIGTERM, log.read_text()[-5000:]
+    first = stopped_checkpoint(out, log.read_text())
     assert not (out / ".stop").exists() and not (out / ".lock").exists()
-    train(shards, out, *NO_TIMED_CHECKPOINTS, "--resume")
-    assert losses_by_step(out) == losses_by_step(clean)
 
-
-def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resume_continues(shards, clean, tmp_path):
-    out = tmp_path / "stopped"
-    args = NO_TIMED_CHECKPOINTS[:-2]  # torchrun's ranks, not --workers
+    # the same run resumed by torchrun's two ranks (no Ray), stopped again through torchrun
     torchrun = [BIN / "torchrun", "--standalone", "--nproc-per-node", 2, "-m", "trainer.run", "--shards", shards,
-                "--out", out, *args]
+                "--out", out, *NO_TIMED_CHECKPOINTS[:-2], "--resume"]  # its ranks, not --workers
     log = tmp_path / "torchrun.log"
     with open(log, "w") as f:
         job = subprocess.Popen([*map(str, torchrun)], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                                start_new_session=True)
-    assert stop_at_step_2(job, log, job.pid) != 0  # torchrun passes the signal on, then reports it
+    assert stop_after_step(job, log, job.pid, after=first["step"] + 1) != 0  # torchrun forwards it, then says so
     text = log.read_text()
     assert text.count("trainer: SIGTERM: stopping after this step with a checkpoint") == 2  # each rank heard it
-    stopped_checkpoint(out, text)
-    resumed = subprocess.run([*map(str, torchrun), "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    second = stopped_checkpoint(out, text)
+    assert second["step"] > first["step"]
+
+    resumed = subprocess.run([*map(str, torchrun)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert losses_by_step(out) == losses_by_step(clean)  # torchrun's two ranks take the batches Ray Train's take
 
 
-def test_past_max_failures_it_names_the_worker_and_resumes_with_another_count(shards, tmp_path):
+def test_past_max_failures_it_names_the_worker_and_resumes_with_another_count(shards, tmp_path, ray_head):
     out = tmp_path / "run"
-    job, log = start(shards, out, *ARGS, "--max-failures", 0)
+    job, log = start(shards, out, *ARGS, "--max-failures", 0, "--address", ray_head)
     try:
         pid = kill_worker_mid_epoch(job, log, out)
         assert job.wait(timeout=300) == 1
     finally:
-        os.killpg(job.pid, signal.SIGKILL)
+        kill_group(job)
     text = log.read_text()
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert f"worker 1 (pid {pid} on 127.0.0.1): its process died" in text, text[-3000:]

@@ -12,11 +12,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from PIL import Image
 
 from conftest import REPO, make_tree, preprocess, wait_for
 
-QUICK = ["--init", "torch", "--optimizer", "adam", "--lr", "1e-4"]  # the demo's quick recipe
 
 
 def train(shards, out, *args, check=True, timeout=600):
@@ -52,13 +52,26 @@ def metrics(out, kind):
         return [m for m in map(json.loads, f) if m["kind"] == kind]
 
 
+def overfit(rank, shards, out, steps):
+    """`steps` training steps on the whole tiny set, the demo's quick recipe at a constant lr, then one
+    checkpoint; the losses into out/losses.json. The trainer's own step, without the epochs' validation,
+    checkpoints and pictures around it (they cost 4 times the training here; other tests run them)."""
+    from trainer.config import Config
+    from trainer.loop import Trainer
+
+    trainer = Trainer(Config(shards=str(shards), out=str(out), batch_size=9, augment=False, dropout=0.0,
+                             init="torch", optimizer="adam", lr=1e-4, device="cpu", verify_shards=False))
+    losses = [trainer.train_step(*next(trainer.batches)).item() for _ in range(steps)]
+    trainer.save()
+    (out / "losses.json").write_text(json.dumps(losses))
+
+
 def test_overfits_a_tiny_set_and_predict_names_what_the_checkpoint_computes(tmp_path, ray_head):
     tiny = tmp_path / "shards"
     preprocess(make_tree(tmp_path / "tree", train=3, val=1), tiny, address=ray_head)  # 9 images, 3 classes
     out = tmp_path / "run"
-    train(tiny, out, "--epochs", 35, "--batch-size", 9, "--no-augment", "--dropout", 0, "--no-ten-crop",
-          "--log-every", 1, "--lr-patience", 100, *QUICK)  # a constant lr
-    losses = [m["loss"] for m in metrics(out, "step")]
+    mp.spawn(overfit, args=(tiny, out, 35), nprocs=1)  # a process of its own: this one stays free of its threads
+    losses = json.loads((out / "losses.json").read_text())
     assert len(losses) == 35 and losses[0] > 0.9  # ~ln 3 for 3 classes
     assert min(losses) < 0.1, losses  # it learned; Adam may wobble after, so no claim about the last step
 
@@ -92,28 +105,33 @@ def losses_by_step(out):
     return {m["step"]: m["loss"] for m in metrics(out, "step")}  # a re-run step's later line wins
 
 
-def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_losses(shards, tmp_path):
-    args = ["--epochs", 2, "--batch-size", 4, "--steps-per-epoch", 4, "--log-every", 1,
-            "--checkpoint-minutes", 0, "--no-ten-crop"]
-    clean = tmp_path / "clean"
-    train(shards, clean, *args)
+STEPS = ["--epochs", 2, "--batch-size", 4, "--steps-per-epoch", 6, "--log-every", 1, "--no-ten-crop"]
 
+
+@pytest.fixture(scope="module")
+def clean(shards, tmp_path_factory):
+    """Two epochs of 6 steps, nothing in the way: the losses a killed or stopped run must give."""
+    out = tmp_path_factory.mktemp("trainer") / "clean"
+    train(shards, out, *STEPS)
+    assert sorted(losses_by_step(out)) == list(range(1, 13))
+    return out
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_losses(shards, clean, tmp_path):
+    args = [*STEPS, "--checkpoint-minutes", 0]  # a checkpoint at every logged step
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "trainer.run", "--shards", str(shards), "--out", str(out), *map(str, args)]
     job = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: (out / "checkpoint.pt").exists() or job.poll() is not None, timeout=300)
     finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
+        kill_group(job)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["epoch"] == 0 and 0 < state["epoch_step"] < 4, "killed mid-epoch 1"
+    assert state["epoch"] == 0 and 0 < state["epoch_step"] < 6, "killed mid-epoch 1"
 
-    result = train(shards, out, *args, "--resume")
+    result = train(shards, out, *STEPS, "--resume")  # without a checkpoint at every step: the same batches
     assert f"resumed {out} at epoch 1 step {state['epoch_step']}" in result.stderr
-    expected, got = losses_by_step(clean), losses_by_step(out)
-    assert sorted(got) == sorted(expected) == list(range(1, 9))
-    assert got == expected  # the same batches, the same dropout masks, the same weights
+    assert losses_by_step(out) == losses_by_step(clean)  # the same batches, the same dropout masks, the same weights
 
 
 def test_a_short_run_writes_its_run_folder(shards, tmp_path):
@@ -229,15 +247,21 @@ def test_shards_without_val_train_on_the_training_loss(tmp_path, ray_head):
     assert [m["top1"] for m in metrics(out, "epoch")] == [None, None]
 
 
-STEPS = ["--epochs", 2, "--batch-size", 4, "--steps-per-epoch", 6, "--log-every", 1, "--no-ten-crop"]
-
-
-def test_sigterm_mid_epoch_checkpoints_at_once_and_resume_gives_the_uninterrupted_losses(shards, tmp_path):
-    clean = tmp_path / "clean"
-    train(shards, clean, *STEPS)
+def test_a_run_holds_its_folder_and_a_sigterm_stops_it_with_a_checkpoint_that_resumes_exactly(shards, clean,
+                                                                                               tmp_path):
     out = tmp_path / "stopped"
     job, log = start(shards, out, *STEPS)  # no timed checkpoint in the run's first 10 minutes
     try:
+        wait_for(lambda: "epoch 1 step 1/6" in log.read_text() or job.poll() is not None, timeout=300)
+        job.send_signal(signal.SIGSTOP)  # held where it is while a second trainer tries its folder: no race
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        for args in ([], ["--resume"]):
+            second = train(shards, out, *STEPS, *args, check=False)
+            assert second.returncode == 2 and f"{out} is in use by pid {job.pid} on " in second.stderr, second.stderr
+            assert "Traceback" not in second.stderr
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing of the first touched
+        job.send_signal(signal.SIGCONT)
+
         wait_for(lambda: "epoch 1 step 2/6" in log.read_text() or job.poll() is not None, timeout=300)
         job.send_signal(signal.SIGTERM)  # to the trainer alone, as Kubernetes sends it
         assert job.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
@@ -248,6 +272,7 @@ def test_sigterm_mid_epoch_checkpoints_at_once_and_resume_gives_the_uninterrupte
     assert state["epoch"] == 0 and 2 <= state["epoch_step"] < 6, "stopped mid-epoch 1, after the step under way"
     assert (f"stopped by SIGTERM at epoch 1 step {state['epoch_step']}/6: the checkpoint is {out}/checkpoint.pt; "
             f"continue with the same command and --resume") in text and "Traceback" not in text
+    assert not (out / ".lock").exists()  # the lock goes with the run
 
     result = train(shards, out, *STEPS, "--resume")
     assert f"resumed {out} at epoch 1 step {state['epoch_step']}" in result.stderr
@@ -275,26 +300,6 @@ def test_a_second_signal_stops_at_once_unless_it_echoes_the_first():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == -signal.SIGINT and result.stdout == "asked and still running\n", result.stderr
     assert "SIGTERM: stopping after this step with a checkpoint" in result.stderr
-
-
-def test_a_second_trainer_on_a_run_folder_in_use_is_refused_and_touches_nothing(shards, tmp_path):
-    out = tmp_path / "run"
-    job, log = start(shards, out, "--epochs", 1, "--batch-size", 4, "--steps-per-epoch", 3, "--log-every", 1,
-                     "--no-ten-crop")
-    try:
-        wait_for(lambda: "epoch 1 step 1/3" in log.read_text() or job.poll() is not None, timeout=300)
-        job.send_signal(signal.SIGSTOP)  # held where it is while the others try: no race with its end
-        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-        for args in ([], ["--resume"]):
-            second = train(shards, out, *STEPS, *args, check=False)
-            assert second.returncode == 2 and f"{out} is in use by pid {job.pid} on " in second.stderr, second.stderr
-            assert "Traceback" not in second.stderr
-        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
-        job.send_signal(signal.SIGCONT)
-        assert job.wait(timeout=300) == 0, log.read_text()[-3000:]
-    finally:
-        kill_group(job)
-    assert [m["step"] for m in metrics(out, "step")] == [1, 2, 3] and not (out / ".lock").exists()
 
 
 def in_small_disk(size_mb, folder, script):

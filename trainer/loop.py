@@ -7,6 +7,7 @@ trainer/reports.py tells people about it, trainer/stop.py says when to stop earl
 import itertools
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -69,6 +70,8 @@ class Trainer:
         # the epoch's training loss, summed over every step on the device: [sum of loss x images, images]
         self.loss_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
         loader_state = self.restore() if config.resume else None
+        if self.ranks.master:
+            self.out.mkdir(parents=True, exist_ok=True)
         self.on_master(lambda: checkpoint.check_room(self.out, self.state_bytes()))
         # DDP: gradients averaged over the replicas during backward; a module over two GPUs works too
         self.net = (nn.parallel.DistributedDataParallel(self.model, gradient_as_bucket_view=True)  # no copy into buckets
@@ -227,6 +230,7 @@ class Trainer:
                     self.save()
                     last_checkpoint = time.monotonic()
             if self.ranks.vote_to_stop(self.stop.asked) and self.epoch_step < self.steps:
+                self.ranks.end_vote()  # the vote begun beside this step: nothing left running behind the stop
                 self.save()
                 return None
         self.ranks.end_vote()  # an ask from the last step is answered at the epoch's end
@@ -289,9 +293,9 @@ class Trainer:
             where = (f"at epoch {self.epoch + 1} step {self.epoch_step}/{self.steps}" if self.epoch_step else
                      f"after epoch {self.epoch}")
             log.warning("stopped by %s %s: the checkpoint is %s; continue with the same command and --resume",
-                        self.stop.signal.name if self.stop.asked else "another worker's signal", where,
+                        self.stop.signal.name if self.stop.asked else "a signal to another worker", where,
                         self.out / checkpoint.CHECKPOINT)
-        return self.stop.exit_status if self.stop.asked else 128 + 15
+        return self.stop.exit_status if self.stop.asked else 128 + signal.SIGTERM
 
 
 def train(config: Config, devices=None, on_save=None, stop=None) -> int:

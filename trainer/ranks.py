@@ -56,7 +56,7 @@ class Ranks:
         """Whether any rank was asked (one blocking vote, where the ranks stand at the same point)."""
         if self.world == 1:
             return asked
-        self.end_vote()  # none is pending after an epoch's end; this keeps the pairing of votes whatever the caller
+        self.end_vote()  # a vote still running is every rank's alike: let it finish first
         self.vote_to_stop(asked)
         return self.end_vote()
 
