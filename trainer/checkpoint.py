@@ -91,13 +91,14 @@ def read(path) -> dict:
     return state
 
 
-def read_latest(out) -> tuple[dict, Path]:
-    """The run folder's latest good checkpoint and its path, for --resume. A damaged latest is moved aside
-    (to checkpoint.pt.damaged) and the previous one taken, with a warning; CheckpointError if none is good."""
+def read_latest(out) -> dict:
+    """The run folder's latest good checkpoint, for --resume; afterwards it is RUN/checkpoint.pt. A damaged
+    latest is moved aside (to checkpoint.pt.damaged) and the previous one taken, with a warning;
+    CheckpointError if none is good."""
     out = Path(out)
     latest, previous = out / CHECKPOINT, out / PREVIOUS
     try:
-        return read(latest), latest
+        return read(latest)
     except CheckpointError as e:
         if not previous.exists():
             raise
@@ -114,7 +115,7 @@ def read_latest(out) -> tuple[dict, Path]:
     log.warning("%s is %s: resuming from the checkpoint before it (epoch %d, step %d of it), now %s%s", latest,
                 why if why == "missing" else f"damaged ({why})", state["epoch"] + 1, state.get("epoch_step", 0),
                 latest, f"; the damaged one is kept as {latest}.damaged" if why != "missing" else "")
-    return state, latest
+    return state
 
 
 def damaged(path, why) -> str:

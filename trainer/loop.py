@@ -155,8 +155,9 @@ class Trainer:
         """Restore everything but the loader from the run's latest good checkpoint; -> this rank's loader
         state, or None where the checkpoint was written by another number of ranks (the epoch then
         starts again)."""
-        self.on_master(lambda: checkpoint.read_latest(self.out))  # rank 0 sets a damaged latest aside
-        state = checkpoint.read(self.out / checkpoint.CHECKPOINT)
+        read = {}  # rank 0 reads the latest good one (setting a damaged latest aside), the others after it
+        self.on_master(lambda: read.update(state=checkpoint.read_latest(self.out)))
+        state = read.get("state") or checkpoint.read(self.out / checkpoint.CHECKPOINT)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
