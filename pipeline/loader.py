@@ -19,6 +19,10 @@ Augmentation (paper, section 4.1), for crops="random":
 The offset is constant over an image, so it is folded into the per-sample mean of the
 normalisation: out = (x/255 + offset - mean) / std = (x - 255 (mean - offset)) / (255 std).
 
+Inputs (`inputs`): "raw" is the paper's (section 2, "the (centered) raw RGB values"): x - 255 mean,
+in 0-255 units, Fancy PCA's offset in the same units (std = 1/255 above); "standardised" divides by
+the training pixels' std as well, (x/255 - mean)/std, which suits PyTorch's default init.
+
 crops="center" takes the central 227x227; crops="ten" the four corners and the centre, then the same
 five mirrored, in the order top-left, top-right, bottom-left, bottom-right, centre.
 
@@ -32,9 +36,13 @@ reads in stored order.
 Sharding: rank r of world_size reads the r-th of world_size equal slices of the samples (DALI's
 reader sharding), padded so that every rank yields len(loader) batches; the padding is dropped,
 so each rank's last batch may be partial and every sample is seen once per epoch across ranks.
+The shard order is the same on every rank, so that their slices never overlap; the augmentation
+(crops, flips, Fancy PCA's alpha) and the shuffle buffer draw from a seed of each rank's own,
+`rank_seed(seed, rank)`.
 """
 import os
 
+import numpy as np
 import torch
 
 from pipeline.manifest import SPLITS, read_pca
@@ -43,19 +51,34 @@ from pipeline.verify import verify
 CROP = 227  # paper section 4.1 (see the module docstring)
 LABEL_DIGITS = 8  # <key>.cls holds the class index in ASCII; padded to this many bytes
 SOURCE_BYTES = 4096  # DALI's source_info (a shard path, offset and file name), padded
+INPUTS = ("raw", "standardised")
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s random operators: its own, and the same for the same (seed, rank)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] >> 1)  # DALI takes a signed int
+
+
+def normalisation_of(pca: dict, inputs: str) -> dict:
+    """-> {"inputs", "mean", "std"}: the loader's output is (x/255 - mean)/std for x in 0-255 (see the
+    module docstring); a checkpoint keeps it, so that evaluation and prediction prepare images alike."""
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {INPUTS}, not {inputs!r}")
+    std = list(pca["std"]) if inputs == "standardised" else [1 / 255] * 3
+    return {"inputs": inputs, "mean": list(pca["mean"]), "std": std}
 
 
 def build_loader(shards, split="train", batch_size=128, device="cpu", crops="random", seed=0, rank=0,
                  world_size=1, fancy_pca_sigma=0.1, fancy_pca_scale="sqrt", dtype=torch.float32,
                  channels_last=False, shuffle_buffer=4096, num_threads=None, state=None, with_params=False,
-                 normalisation=None):
+                 inputs="raw", normalisation=None):
     """-> Loader over `split` of the shard folder `shards`.
 
     dtype: torch.float32, or on CUDA torch.float16 / torch.bfloat16. channels_last: NCHW tensors in
     channels-last memory (free: DALI writes HWC). state: a Loader.state_dict() to resume from.
     with_params: (crops="random") also yield {"keys": the samples' keys, "params": [B, 3] int64
     (crop x, crop y, flipped)}, to check or replay what the augmentation did. normalisation: {"mean",
-    "std"} to use instead of pca.json's (a checkpoint's own, evaluated on other shards).
+    "std"} to use instead of pca.json's with `inputs` (a checkpoint's own, evaluated on other shards).
     """
     if crops not in ("random", "center", "ten"):
         raise ValueError(f"crops must be 'random', 'center' or 'ten', not {crops!r}")
@@ -87,8 +110,9 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
     # offset per unit alpha, for component k: 255 * sigma * s_k * P[:, k], in pixel units
     directions = [[255.0 * fancy_pca_sigma * scale[k] * pca["eigenvectors"][c][k] for c in range(3)]
                   for k in range(3)]
-    mean255 = [255.0 * m for m in (normalisation or pca)["mean"]]
-    std255 = [255.0 * s for s in (normalisation or pca)["std"]]
+    normalisation = normalisation or normalisation_of(pca, inputs)
+    mean255 = [255.0 * m for m in normalisation["mean"]]
+    std255 = [255.0 * s for s in normalisation["std"]]
     layout = "HWC" if channels_last else "CHW"
     out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
 
@@ -131,7 +155,7 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
         return fn.stack(*[crop(x, y, m) for m in (0, 1) for x, y in corners]), labels
 
     pipe = pipeline(batch_size=batch_size, num_threads=num_threads or len(os.sched_getaffinity(0)),
-                    device_id=(device.index or 0) if gpu else None, seed=seed,
+                    device_id=(device.index or 0) if gpu else None, seed=rank_seed(seed, rank),
                     checkpoint=None if state is None else state["dali"])
     pipe.build()
     names = ["images", "labels"] + (["params", "source"] if with_params else [])

@@ -45,10 +45,16 @@ def pca(shards):
     return json.loads((shards / "pca.json").read_text())
 
 
-def normalise(crop, pca):
-    """numpy's (x/255 - mean) / std, as CHW float32."""
-    x = (crop.astype(np.float64) / 255 - pca["mean"]) / pca["std"]
+def normalise(crop, pca, inputs="raw"):
+    """numpy's x - 255 mean ("raw", the paper's) or (x/255 - mean) / std ("standardised"), as CHW float32."""
+    x = crop - 255 * np.array(pca["mean"]) if inputs == "raw" else (crop / 255 - pca["mean"]) / pca["std"]
     return x.transpose(2, 0, 1).astype(np.float32)
+
+
+def unnormalise(image, pca, inputs):
+    """The loader's output back in [0, 1] units, HWC float64."""
+    std = np.array(pca["std"]) if inputs == "standardised" else np.full(3, 1 / 255)
+    return image.numpy().transpose(1, 2, 0) * std + pca["mean"]
 
 
 def numpy_crop(image, x, y, flip):
@@ -62,23 +68,24 @@ def random_batches(shards, epochs, **kwargs):
 
 
 def test_random_crops_and_flips_are_what_they_claim(shards, decoded, pca):
-    batches = random_batches(shards, epochs=4, fancy_pca_sigma=0.0, seed=3)
+    batches = random_batches(shards, epochs=4, fancy_pca_sigma=0.0, seed=3, inputs="standardised")
     params = torch.cat([info["params"] for _, _, info in batches])
     for images, labels, info in batches:
         for image, label, key, (x, y, flip) in zip(images, labels, info["keys"], info["params"].tolist()):
             source, source_label = decoded["train"][key]
             assert label == source_label
-            expected = normalise(numpy_crop(source, x, y, flip), pca)
+            expected = normalise(numpy_crop(source, x, y, flip), pca, "standardised")
             np.testing.assert_allclose(image.numpy(), expected, rtol=0, atol=2e-5)  # sigma 0: plain crop+normalise
     assert params[:, :2].min() == 0 and params[:, :2].max() == SPAN  # integer anchors over 0..29
     assert len(set(params[:, 0].tolist())) > 15 and len(set(params[:, 1].tolist())) > 15
     assert 0.3 < params[:, 2].float().mean() < 0.7  # flips with p = 0.5 (96 draws)
 
 
-@pytest.mark.parametrize("split", ["train", "val"])
-def test_center_and_ten_crops_equal_numpy_slicing(shards, decoded, pca, split):
-    center = build_loader(shards, split=split, batch_size=4, crops="center")
-    ten = build_loader(shards, split=split, batch_size=4, crops="ten")
+@pytest.mark.parametrize("split, inputs", [("train", "raw"), ("val", "standardised")])
+def test_center_and_ten_crops_equal_numpy_slicing(shards, decoded, pca, split, inputs):
+    center = build_loader(shards, split=split, batch_size=4, crops="center", inputs=inputs)
+    ten = build_loader(shards, split=split, batch_size=4, crops="ten", inputs=inputs)
+    atol = 2e-5 if inputs == "standardised" else 1e-4  # float32 of values up to 1e1 or 255
     corners = [(0, 0), (SPAN, 0), (0, SPAN), (SPAN, SPAN), (SPAN // 2, SPAN // 2)]
     references = list(decoded[split].values())  # neither shuffles: the reader's order
     n = 0
@@ -87,23 +94,26 @@ def test_center_and_ten_crops_equal_numpy_slicing(shards, decoded, pca, split):
         for c_image, t_image, label in zip(c_images, t_images, c_labels):
             source, source_label = references[n]
             assert label == source_label
-            np.testing.assert_allclose(c_image.numpy(), normalise(source[14:241, 14:241], pca), atol=2e-5)
-            expected = [normalise(numpy_crop(source, x, y, flip), pca) for flip in (0, 1) for x, y in corners]
-            np.testing.assert_allclose(t_image.numpy(), np.stack(expected), atol=2e-5)
+            np.testing.assert_allclose(c_image.numpy(), normalise(source[14:241, 14:241], pca, inputs), atol=atol)
+            expected = [normalise(numpy_crop(source, x, y, flip), pca, inputs) for flip in (0, 1) for x, y in corners]
+            np.testing.assert_allclose(t_image.numpy(), np.stack(expected), atol=atol)
             n += 1
     assert n == len(references)
 
 
-@pytest.mark.parametrize("scale", ["sqrt", "linear"])
-def test_fancy_pca_offsets_have_the_claimed_distribution(shards, decoded, pca, scale):
+@pytest.mark.parametrize("scale, inputs", [("sqrt", "raw"), ("linear", "standardised")])
+def test_fancy_pca_offsets_have_the_claimed_distribution(shards, decoded, pca, scale, inputs):
+    """Checked in [0, 1] units in both modes: the offset is the same fraction of the pixel range
+    whichever the inputs (in 0-255 units for the raw ones, divided by no std)."""
     sigma = 0.1
     offsets = []
-    for images, _, info in random_batches(shards, epochs=15, fancy_pca_sigma=sigma, fancy_pca_scale=scale):
+    batches = random_batches(shards, epochs=15, fancy_pca_sigma=sigma, fancy_pca_scale=scale, inputs=inputs)
+    for images, _, info in batches:
         for image, key, (x, y, flip) in zip(images, info["keys"], info["params"].tolist()):
-            pixels = numpy_crop(decoded["train"][key][0], x, y, flip).transpose(2, 0, 1) / 255
-            shift = image.numpy() * np.array(pca["std"])[:, None, None] + np.array(pca["mean"])[:, None, None] - pixels
-            offset = shift.reshape(3, -1).mean(1)
-            np.testing.assert_allclose(shift.reshape(3, -1), offset[:, None].repeat(CROP * CROP, 1), atol=1e-5)
+            pixels = numpy_crop(decoded["train"][key][0], x, y, flip) / 255
+            shift = (unnormalise(image, pca, inputs) - pixels).reshape(-1, 3).T
+            offset = shift.mean(1)
+            np.testing.assert_allclose(shift, offset[:, None].repeat(CROP * CROP, 1), atol=1e-5)
             offsets.append(offset)  # the same offset for every pixel of the image
     offsets = np.array(offsets)
     P, lam = np.array(pca["eigenvectors"]), np.array(pca["eigenvalues"])
@@ -127,6 +137,45 @@ def test_two_ranks_see_every_sample_once_in_equal_batches(shards, decoded):
         assert sorted(keys[0] + keys[1]) == sorted(decoded["train"])  # every sample, once
         orders.append(keys[0] + keys[1])
     assert orders[0] != orders[1]  # another order in the second epoch
+
+
+def test_each_rank_draws_its_own_augmentation(shards, decoded, pca):
+    """The ranks' k-th samples get crop positions, flips and Fancy PCA offsets of their own; each
+    rank's draws are fixed by (seed, rank)."""
+    def draws(rank, seed=7):
+        loader = build_loader(shards, batch_size=6, rank=rank, world_size=2, seed=seed, with_params=True)
+        params, offsets = [], []
+        for _ in range(2):
+            for images, _, info in loader:
+                params.append(info["params"])
+                for image, key, (x, y, flip) in zip(images, info["keys"], info["params"].tolist()):
+                    pixels = numpy_crop(decoded["train"][key][0], x, y, flip) / 255
+                    offsets.append((unnormalise(image, pca, "raw") - pixels).reshape(-1, 3).mean(0))
+        return torch.cat(params), np.array(offsets)
+
+    (params0, offsets0), (params1, offsets1), (again1, again_offsets1) = draws(0), draws(1), draws(1)
+    assert len(params0) == len(params1) == 24  # 12 samples a rank, 2 epochs
+    assert torch.equal(params1, again1)
+    np.testing.assert_allclose(offsets1, again_offsets1, atol=1e-6)
+    assert (params0 != params1).any(1).float().mean() > 0.5  # alike by chance with p = 1/1800 a sample
+    assert (np.abs(offsets0 - offsets1).max(1) > 1e-4).all()  # alpha ~ N(0, 0.1^2): never alike by chance
+    assert not torch.equal(draws(1, seed=8)[0], params1)
+
+
+def test_loader_output_statistics_in_each_mode(shards, decoded, pca):
+    """Per channel mean and std of the centre crops of the train split against numpy's: the raw
+    inputs are the pixels less the mean in 0-255 units, the standardised ones divided by 255 std."""
+    pixels = np.stack([image[14:241, 14:241] for image, _ in decoded["train"].values()]).reshape(-1, 3)
+    for inputs, shift, scale in [("raw", 255 * np.array(pca["mean"]), np.ones(3)),
+                                 ("standardised", 255 * np.array(pca["mean"]), 255 * np.array(pca["std"]))]:
+        out = torch.cat([images for images, _ in build_loader(shards, batch_size=8, crops="center", inputs=inputs)])
+        out = out.double().movedim(1, -1).reshape(-1, 3).numpy()
+        np.testing.assert_allclose(out.mean(0), (pixels.mean(0) - shift) / scale, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.std(0), pixels.std(0) / scale, rtol=1e-5)
+        if inputs == "raw":
+            assert (out.std(0) > 10).all()  # 0-255 units: the fixture's pixels spread by tens
+        else:
+            assert (0.3 < out.std(0)).all() and (out.std(0) < 3).all()
 
 
 def test_uneven_split_still_gives_equal_batch_counts(shards, decoded):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.loader import INPUTS
+
 @dataclass
 class Config:
     shards: str = ""  # (required) a folder written by jobs/preprocess.py
@@ -31,6 +33,7 @@ class Config:
     lr_patience: int = 1  # epochs without a better validation error before the lr is divided
     optimizer: str = "sgd"  # sgd (section 5) or adam (the demo's quick recipe)
     init: str = "paper"  # paper (section 5: N(0, 0.01), biases 1 in conv2/4/5, fc6/7) or torch's own
+    inputs: str = ""  # raw: x - mean in 0-255 units, the paper's (section 2); standardised: (x/255 - mean)/std; default raw with --init paper, standardised with --init torch
     dropout: float = 0.5  # dropout probability in fc6 and fc7 (section 4.2)
     augment: bool = True  # random crops, flips, Fancy PCA (section 4.1); else centre crops
     fancy_pca_sigma: float = 0.1  # std of Fancy PCA's per-image alpha (section 4.1)
@@ -49,7 +52,7 @@ class Config:
     resume: bool = False  # continue from the run folder's checkpoint
 
 
-CHOICES = {"optimizer": ("sgd", "adam"), "init": ("paper", "torch"), "device": ("cpu", "cuda"),
+CHOICES = {"optimizer": ("sgd", "adam"), "init": ("paper", "torch"), "inputs": INPUTS, "device": ("cpu", "cuda"),
            "gpus_per_worker": (1, 2)}
 AT_LEAST = {"epochs": 1, "batch_size": 1, "log_every": 1, "cpus_per_worker": 1, "workers": 0, "max_failures": 0,
             "steps_per_epoch": 0, "checkpoint_minutes": 0}
@@ -80,6 +83,7 @@ def parse_args(argv=None, doc=None) -> Config:
     for name, least in AT_LEAST.items():
         if getattr(config, name) < least:
             p.error(f"--{name.replace('_', '-')} must be {least} or more, not {getattr(config, name)}")
+    config.inputs = config.inputs or ("raw" if config.init == "paper" else "standardised")
     world = config.workers or int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets WORLD_SIZE
     if config.batch_size % world:
         p.error(f"--batch-size {config.batch_size} is the global batch and must split evenly over {world} "

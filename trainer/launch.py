@@ -91,7 +91,7 @@ def refusal(config: Config) -> str | None:
     if config.resume and (out / "config.json").exists():
         saved = json.loads((out / "config.json").read_text())
         # what the saved state depends on; the number of workers may change
-        for key in ("batch_size", "seed", "augment", "gpus_per_worker"):
+        for key in ("batch_size", "seed", "augment", "inputs", "gpus_per_worker"):
             if saved.get(key, getattr(config, key)) != getattr(config, key):
                 return (f"--resume: {out} was trained with --{key.replace('_', '-')} {saved[key]}, not "
                         f"{getattr(config, key)}: resume with the same, or start a new --out")

@@ -38,6 +38,7 @@ class Trainer:
         devices: the towers' device(s), by default from config; on_save(trainer): called on every rank
         after each checkpoint (Ray Train reports it); stop: the StopRequest this process answers to."""
         from pipeline import build_loader  # the data half; the trainer only sees torch tensors
+        from pipeline.loader import normalisation_of
         from pipeline.manifest import read_manifest, read_pca
 
         self.config, self.out, self.on_save = config, Path(config.out), on_save
@@ -50,7 +51,7 @@ class Trainer:
         manifest = read_manifest(config.shards)  # ShardDirError before any work
         self.classes, pca = len(manifest["classes"]), read_pca(config.shards)
         # what trainer.evaluate and trainer.predict need, kept in every checkpoint
-        self.about = {"classes": manifest["classes"], "normalisation": {"mean": pca["mean"], "std": pca["std"]},
+        self.about = {"classes": manifest["classes"], "normalisation": normalisation_of(pca, config.inputs),
                       "preprocessing": {k: manifest["settings"][k] for k in ("size", "quality", "max_pixels")}}
         if config.verify_shards:
             self.on_master(lambda: self.verify_shards(manifest))
@@ -78,6 +79,7 @@ class Trainer:
                     if self.ranks.world > 1 else self.model)
         self.loader_options = dict(device=self.device, channels_last=gpu, rank=self.ranks.rank,
                                    world_size=self.ranks.world, dtype=torch.bfloat16 if gpu else torch.float32,
+                                   normalisation=self.about["normalisation"],
                                    num_threads=config.cpus_per_worker if self.ranks.world > 1 else None)
         self.batch_size = config.batch_size // self.ranks.world  # parse_args checked that it divides
         self.train_loader = build_loader(config.shards, "train", self.batch_size, seed=config.seed,
