@@ -6,6 +6,7 @@ JPEG it wrote once more, renames the shard into place and then writes a record o
 killed at any moment resumes and ends with the same bytes as an uninterrupted one.
 """
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -151,15 +152,18 @@ def write_shard(spec, src, out, settings: Settings) -> dict:
     import cv2
     cv2.setNumThreads(1)  # one task per core already
     # Names of this attempt's own: when Ray runs a task again while an attempt it believes dead
-    # still writes, neither writes into the other's files, and the last to finish wins whole.
+    # still writes, neither writes into the other's files; the tar, its index and its record are
+    # put in place under a lock, so the last attempt to finish wins whole.
     attempt = uuid.uuid4().hex[:12]
     tmp_tar, tmp_idx = out / f".{name}.{attempt}.tar.tmp", out / f".{name}.{attempt}.idx.tmp"
     try:
         record = _write_samples(spec, src, settings, tmp_tar, tmp_idx)
-        if record["samples"]:
-            replace_atomically(tmp_tar, tar_path)
-            replace_atomically(tmp_idx, idx_path)
-        write_json(record_path, record)
+        with open(out / PARTS / f".{name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            if record["samples"]:
+                replace_atomically(tmp_tar, tar_path)
+                replace_atomically(tmp_idx, idx_path)
+            write_json(record_path, record)
     finally:  # a failed attempt (a full disk, say) leaves nothing behind
         tmp_tar.unlink(missing_ok=True)
         tmp_idx.unlink(missing_ok=True)

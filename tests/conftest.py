@@ -1,4 +1,6 @@
 """Fixtures: small generated image trees, a real Ray head on 127.0.0.1, and the job run on them."""
+import colorsys
+import json
 import os
 import secrets
 import subprocess
@@ -31,8 +33,10 @@ def picture(rng, h, w, hue):
     return np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
-def make_tree(root, classes=("n01", "n02", "n03"), train=8, val=3, seed=0, sizes=(60, 600)):
-    """SRC/train/<class>/<file> and SRC/val/<class>/<file>, of varied sizes and formats."""
+def make_tree(root, classes=("n01", "n02", "n03"), train=8, val=3, seed=0, sizes=(60, 600), tinted=False):
+    """SRC/train/<class>/<file> and SRC/val/<class>/<file>, of varied sizes and formats. tinted: each
+    class leans to a hue of its own, an easy task, except every second val image, which leans to the
+    opposite hue: a net soon tells the classes apart, and is wrong on those, far off."""
     rng = np.random.default_rng(seed)
     n = 0
     for split, count in (("train", train), ("val", val)):
@@ -42,7 +46,11 @@ def make_tree(root, classes=("n01", "n02", "n03"), train=8, val=3, seed=0, sizes
             for i in range(count):
                 fmt = FORMATS[n % len(FORMATS)]
                 h, w = rng.integers(*sizes, size=2)
-                Image.fromarray(picture(rng, h, w, c)).save(folder / f"{cls}_{i}{EXTENSIONS[fmt]}", fmt)
+                pixels = picture(rng, h, w, c)
+                if tinted:
+                    hue = (c + len(classes) // 2 * (split == "val" and i % 2)) / len(classes)
+                    pixels = (0.4 * pixels + 0.6 * 255 * np.array(colorsys.hsv_to_rgb(hue, 0.8, 0.9))).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{cls}_{i}{EXTENSIONS[fmt]}", fmt)
                 n += 1
     return Path(root)
 
@@ -81,6 +89,83 @@ def shards(tree, tmp_path_factory, ray_head):
     out = tmp_path_factory.mktemp("shards")
     preprocess(tree, out, "--shard-size", 5, address=ray_head)
     return out
+
+
+def fit(rank, shards, out, steps):
+    """`steps` training steps on the whole of a tiny set, the demo's quick recipe at a constant lr,
+    without dropout or augmentation; then the trainer's own val errors (centre, ten-crop) and a
+    checkpoint. out/losses.json and out/errors.json hold what it measured."""
+    from trainer.config import Config
+    from trainer.loop import Trainer
+
+    trainer = Trainer(Config(shards=str(shards), out=str(out), batch_size=10, augment=False, dropout=0.0,
+                             init="torch", optimizer="adam", lr=1e-4, device="cpu", verify_shards=False))
+    losses = [trainer.train_step(*next(trainer.batches)).item() for _ in range(steps)]
+    errors = {"centre": trainer.evaluate(trainer.val_loader), "ten": trainer.evaluate(trainer.ten_crop_loader(), True)}
+    trainer.save()
+    (out / "losses.json").write_text(json.dumps(losses))
+    (out / "errors.json").write_text(json.dumps(errors))
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory, ray_head):
+    """-> (tree, shards, run folder) of a net fitted to ten tinted classes (20 train, 20 val images):
+    its predictions differ from image to image, it is wrong on half of val (make_tree's foreign hues),
+    and ten classes leave room for top-5 errors."""
+    import torch.multiprocessing as mp
+
+    root = tmp_path_factory.mktemp("fitted")
+    tree = make_tree(root / "tree", classes=tuple(f"n{i:02d}" for i in range(10)), train=2, val=2, tinted=True)
+    preprocess(tree, root / "shards", "--shard-size", 5, address=ray_head)
+    mp.spawn(fit, args=(root / "shards", root / "run", 30), nprocs=1)  # a process of its own, and its threads
+    return tree, root / "shards", root / "run"
+
+
+def numpy_errors(checkpoint, shards) -> dict:
+    """A checkpoint's val errors, by a computation of the tests' own: the val JPEGs read from the tars
+    with tarfile, decoded by OpenCV (libjpeg-turbo, as DALI on the CPU), cropped and normalised in numpy,
+    the checkpoint's net run on them, top-1 and top-5 counted in numpy over the logits (ten-crop: over
+    the mean of the 10 crops' softmax). -> {"centre": (top-1 wrong, top-5 wrong), "ten": (...), "total",
+    "predicted": the centre crops' top-1 classes}."""
+    import tarfile
+
+    import cv2
+    import torch
+
+    from trainer.model import AlexNet
+
+    state = torch.load(checkpoint, weights_only=True)
+    pca = json.loads((Path(shards) / "pca.json").read_text())
+    images, labels = [], []
+    for entry in json.loads((Path(shards) / "manifest.json").read_text())["splits"]["val"]["shards"]:
+        with tarfile.open(Path(shards) / entry["name"]) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name in sorted(n for n in files if n.endswith(".jpg")):
+            images.append(cv2.imdecode(np.frombuffer(files[name], np.uint8), cv2.IMREAD_COLOR)[..., ::-1])
+            labels.append(int(files[name[:-4] + ".cls"]))
+    if state["normalisation"]["inputs"] == "raw":
+        scale, shift = np.ones(3), 255 * np.array(pca["mean"])
+    else:
+        scale, shift = 255 * np.array(pca["std"]), 255 * np.array(pca["mean"])
+    span, c = 256 - 227, (256 - 227) // 2
+    corners = [(0, 0), (span, 0), (0, span), (span, span), (c, c)]
+    crops = np.stack([[image[y:y + 227, x:x + 227, :][:, ::-1 if flip else 1] for flip in (0, 1) for x, y in corners]
+                      for image in images])  # [N, 10, 227, 227, 3]
+    x = ((crops - shift) / scale).astype(np.float32).transpose(0, 1, 4, 2, 3)
+    model = AlexNet(len(state["classes"]), init="torch").eval()
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x).flatten(0, 1)).numpy().astype(np.float64).reshape(len(images), 10, -1)
+    labels = np.array(labels)
+
+    def wrong(scores):
+        ranked = np.argsort(-scores, axis=1)
+        return int((ranked[:, 0] != labels).sum()), int((ranked[:, :5] != labels[:, None]).all(1).sum())
+
+    softmax = np.exp(logits - logits.max(2, keepdims=True))
+    softmax /= softmax.sum(2, keepdims=True)
+    return {"centre": wrong(logits[:, 4]), "ten": wrong(softmax.mean(1)), "total": len(labels),
+            "predicted": logits[:, 4].argmax(1)}
 
 
 def wait_for(condition, timeout=120, interval=0.05):

@@ -1,8 +1,10 @@
 """A miniature of `make demo` on a real Ray head: digits tree -> ray job submit -> training -> benchmarks."""
 import json
+import re
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from conftest import BIN, REPO
@@ -34,10 +36,18 @@ def test_miniature_demo(tmp_path, ray_head):
     assert Image.open(tmp_path / "loader.png").info["Software"].startswith("Matplotlib")
     figures = json.loads((tmp_path / "loader.json").read_text())
     assert set(figures) >= {"decode_only", "train_pipeline", "baseline", "model", "device"}
-    assert all(figures[k] > 0 for k in ("decode_only", "train_pipeline", "baseline", "model"))
+    for name in ("decode_only", "train_pipeline", "baseline", "model"):  # the table says what the JSON holds
+        assert re.search(rf"{name} +{figures[name]:,.0f} img/s", log), (name, log)
+    f = figures
+    assert f"{f['train_pipeline'] / f['decode_only']:.2f} x decode_only" in log
+    assert f"train_pipeline is {f['train_pipeline'] / f['baseline']:.1f} x" in log
     feed = figures["train_pipeline"] / figures["model"]
-    assert f"verdict: the pipeline {'can' if feed >= 1 else 'cannot'} feed the model: {feed:,.1f} x" in log
+    verdict = f"the pipeline can feed the model: {feed:,.1f} x" if feed >= 1 else \
+        f"the pipeline cannot feed the model: {feed:,.1f} x"
+    assert f"verdict: {verdict}" in log
 
     run(sys.executable, "-m", "pipeline.bench", "--src", tree, "--json", tmp_path / "job.json")
     figures = json.loads((tmp_path / "job.json").read_text())
-    assert figures["images"] == 60 and figures["single_loop"] > 0 and figures["ray_job"] > 0
+    assert figures["images"] == 60 and figures["cores"] >= 1
+    assert figures["ratio_to_cores_x_single"] == pytest.approx(
+        figures["ray_job"] / (figures["cores"] * figures["single_loop"]))

@@ -68,10 +68,10 @@ def fused_forward(model, x):
     return F.linear(h, cat("fc8"), cat("fc8", "bias"))
 
 
-@pytest.mark.parametrize("devices", [["cpu", "cpu"], "cpu"])
-def test_split_equals_fused_outputs_and_gradients(devices):
+def test_split_equals_fused_outputs_and_gradients():
+    """The towers on one device (placing them on two is test_two_gpu_placement_matches_one_device's)."""
     torch.manual_seed(0)
-    model = AlexNet(num_classes=7, init="torch", devices=devices).double().eval()
+    model = AlexNet(num_classes=7, init="torch").double().eval()
     x = torch.randn(3, 3, 227, 227, dtype=torch.float64)
     y = torch.tensor([0, 3, 6])
     F.cross_entropy(model(x), y).backward()

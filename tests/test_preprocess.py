@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -247,7 +248,9 @@ def _write_shard_in_a_process(args):
 
 
 def test_two_attempts_at_one_shard_never_mix_their_bytes(tmp_path):
-    """Ray may run a task again while an attempt it believes dead still writes."""
+    """Ray may run a task again while an attempt it believes dead still writes. The two attempts
+    here write different bytes (JPEG quality 90 and 60): the shard, its index and its record are all
+    one attempt's."""
     import multiprocessing
 
     from pipeline.preprocess import Settings, plan, scan
@@ -260,11 +263,15 @@ def test_two_attempts_at_one_shard_never_mix_their_bytes(tmp_path):
     spawn = multiprocessing.get_context("spawn")  # a fork would copy the locks of this process's threads
     with spawn.Pool(2) as pool:
         barrier = spawn.Manager().Barrier(2)
-        records = pool.map(_write_shard_in_a_process, [(barrier, spec, str(src), str(out), settings)] * 2)
+        attempts = [(barrier, spec, str(src), str(out), replace(settings, quality=q)) for q in (90, 60)]
+        records = pool.map(_write_shard_in_a_process, attempts)
     assert [r["resumed"] for r in records] == [False, False], "both attempts wrote the shard"
-    assert records[0]["sha256"] == records[1]["sha256"]
-    tar = out / f"{spec['name']}.tar"
-    assert sha256_file(tar) == records[0]["sha256"] and tar.stat().st_size == records[0]["bytes"]
+    assert records[0]["sha256"] != records[1]["sha256"] and records[0]["bytes"] != records[1]["bytes"]
+    tar, idx = out / f"{spec['name']}.tar", out / f"{spec['name']}.idx"
+    kept = json.loads((out / ".parts" / f"{spec['name']}.json").read_text())
+    assert {**kept, "resumed": False} in records  # one attempt's record, and that attempt's tar and index
+    assert sha256_file(tar) == kept["sha256"] and tar.stat().st_size == kept["bytes"]
+    assert sha256_file(idx) == kept["index_sha256"]
     assert len(list(iter_samples(tar))) == 36
     assert sorted(p.name for p in out.iterdir()) == [".parts", f"{spec['name']}.idx", f"{spec['name']}.tar"]
 

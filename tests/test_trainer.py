@@ -12,10 +12,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from PIL import Image
 
-from conftest import REPO, make_tree, preprocess, wait_for
+from conftest import REPO, make_tree, numpy_errors, preprocess, wait_for
 
 
 
@@ -52,43 +51,26 @@ def metrics(out, kind):
         return [m for m in map(json.loads, f) if m["kind"] == kind]
 
 
-def overfit(rank, shards, out, steps):
-    """`steps` training steps on the whole tiny set, the demo's quick recipe at a constant lr, then one
-    checkpoint; the losses into out/losses.json. The trainer's own step, without the epochs' validation,
-    checkpoints and pictures around it (they cost 4 times the training here; other tests run them)."""
-    from trainer.config import Config
-    from trainer.loop import Trainer
-
-    trainer = Trainer(Config(shards=str(shards), out=str(out), batch_size=9, augment=False, dropout=0.0,
-                             init="torch", optimizer="adam", lr=1e-4, device="cpu", verify_shards=False))
-    losses = [trainer.train_step(*next(trainer.batches)).item() for _ in range(steps)]
-    trainer.save()
-    (out / "losses.json").write_text(json.dumps(losses))
-
-
-def test_overfits_a_tiny_set_and_predict_names_what_the_checkpoint_computes(tmp_path, ray_head):
-    tiny = tmp_path / "shards"
-    preprocess(make_tree(tmp_path / "tree", train=3, val=1), tiny, address=ray_head)  # 9 images, 3 classes
-    out = tmp_path / "run"
-    mp.spawn(overfit, args=(tiny, out, 35), nprocs=1)  # a process of its own: this one stays free of its threads
+def test_overfits_a_tiny_set_and_predict_names_what_the_checkpoint_computes(fitted, tmp_path):
+    tree, _, out = fitted
     losses = json.loads((out / "losses.json").read_text())
-    assert len(losses) == 35 and losses[0] > 0.9  # ~ln 3 for 3 classes
+    assert len(losses) == 30 and losses[0] > 2.1  # ~ln 10 for 10 classes
     assert min(losses) < 0.1, losses  # it learned; Adam may wobble after, so no claim about the last step
 
-    images = sorted((tmp_path / "tree" / "train").glob("*/*"))
+    images = sorted((tree / "train").glob("*/*"))
     (tmp_path / "broken.JPEG").write_bytes(b"\xff\xd8\xff" + b"\0" * 100)
     cmd = [sys.executable, "-m", "trainer.predict", "--checkpoint", out / "checkpoint.pt", *images, tmp_path / "broken.JPEG"]
     result = subprocess.run([*map(str, cmd)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and f"{tmp_path / 'broken.JPEG'}: not predicted: " in result.stderr
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
-    assert len(lines) == 9  # the broken file stopped nothing
+    assert len(lines) == 20  # the broken file stopped nothing
 
     # independently: the checkpoint's net on the centre crop, normalised in numpy, its softmax ranked
     from pipeline.images import read_bytes, to_sample
     from trainer.model import AlexNet
 
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    model = AlexNet(3, init="torch").eval()
+    model = AlexNet(10, init="torch").eval()
     model.load_state_dict(state["model"])
     mean, std = (np.array(state["normalisation"][k], np.float32) for k in ("mean", "std"))
     for image in images:
@@ -97,15 +79,19 @@ def test_overfits_a_tiny_set_and_predict_names_what_the_checkpoint_computes(tmp_
         with torch.no_grad():
             p = model(torch.from_numpy(x.transpose(2, 0, 1)[None].copy()))[0].softmax(0).numpy()
         said = [(name, float(v)) for name, v in (entry.split() for entry in lines[str(image)].split(", "))]
-        assert dict(said) == pytest.approx(dict(zip(state["classes"], p.tolist())), abs=2e-3), lines[str(image)]
-        assert [v for _, v in said] == sorted([v for _, v in said], reverse=True)  # the most probable first
+        assert said[0][0] == state["classes"][p.argmax()]
+        assert [v for _, v in said] == pytest.approx(sorted(p.tolist(), reverse=True)[:5], abs=2e-3)  # top 5, in order
+        assert all(v == pytest.approx(p[state["classes"].index(name)], abs=2e-3) for name, v in said), lines[str(image)]
 
 
 def losses_by_step(out):
     return {m["step"]: m["loss"] for m in metrics(out, "step")}  # a re-run step's later line wins
 
 
-STEPS = ["--epochs", 2, "--batch-size", 4, "--steps-per-epoch", 6, "--log-every", 1, "--no-ten-crop"]
+# Standardised inputs: at batches this small, the paper's raw inputs at lr 0.01 diverge within a few
+# steps (README, "The paper's inputs"); these tests are about what happens around the steps.
+STABLE = ["--inputs", "standardised"]
+STEPS = ["--epochs", 2, "--batch-size", 4, "--steps-per-epoch", 6, "--log-every", 1, "--no-ten-crop", *STABLE]
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +128,7 @@ def test_a_short_run_writes_its_run_folder(shards, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["lr"] == 0.01 and config["momentum"] == 0.9 and config["weight_decay"] == 5e-4
     assert config["batch_size"] == 8 and config["init"] == "paper" and len(config["git_commit"]) == 40
+    assert config["inputs"] == "raw"  # the paper's, with its init
     steps, (epoch,), (final,) = metrics(out, "step"), metrics(out, "epoch"), metrics(out, "final")
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert {"loss", "lr", "img_s", "data_wait"} <= set(steps[0])
@@ -164,22 +151,38 @@ def test_a_short_run_writes_its_run_folder(shards, tmp_path):
     assert board.Tags()["images"] == ["conv1/kernels"] and len(board.Images("conv1/kernels")) == 1
     assert "_hparams_/experiment" in board.PluginTagToContent("hparams")
 
-    def evaluate(*args):
-        cmd = [sys.executable, "-m", "trainer.evaluate", "--checkpoint", out / "checkpoint.pt", "--shards", shards]
-        result = subprocess.run([*map(str, cmd), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr
-        return result.stdout
-
-    total = json.loads((shards / "manifest.json").read_text())["splits"]["val"]["samples"]
-    centre, ten = evaluate(), evaluate("--ten-crop")
-    assert f"top-1 error {100 * epoch['top1']:.2f}% ({round(epoch['top1'] * total)} of {total})" in centre
-    assert f"top-5 error {100 * epoch['top5']:.2f}% ({round(epoch['top5'] * total)} of {total})" in centre
-    assert f"top-1 error {100 * final['top1_ten_crop']:.2f}% ({round(final['top1_ten_crop'] * total)} of" in ten
-    if epoch["top1"]:
-        assert "most often confused (true -> predicted):" in centre
-
     other = train(shards, out, "--epochs", 2, "--batch-size", 4, "--resume", check=False)
     assert other.returncode == 2 and "was trained with --batch-size 8, not 4" in other.stderr
+
+
+def evaluate(checkpoint, shards, *args) -> str:
+    """python -m trainer.evaluate's output."""
+    cmd = [sys.executable, "-m", "trainer.evaluate", "--checkpoint", checkpoint, "--shards", shards, *args]
+    result = subprocess.run([*map(str, cmd)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def said(wrong, total):
+    """How trainer.evaluate prints a count of `wrong` of `total`."""
+    return f"{100 * wrong / total:.2f}% ({wrong} of {total})"
+
+
+def test_the_trainers_val_errors_and_evaluates_are_numpys(fitted):
+    """A net whose predictions vary, on ten classes: the trainer's own val errors (centre crop, as at
+    an epoch's end, and ten-crop, as at the run's) and trainer.evaluate's on its checkpoint, each
+    against numpy's count over the logits."""
+    _, shards, out = fitted
+    expected = numpy_errors(out / "checkpoint.pt", shards)
+    total = expected["total"]
+    assert total == 20 and len(set(expected["predicted"].tolist())) >= 5  # not one class for every image
+    logged = json.loads((out / "errors.json").read_text())
+    for crop, args in (("centre", []), ("ten", ["--ten-crop"])):
+        wrong1, wrong5 = expected[crop]
+        assert 0 < wrong5 < wrong1 < total, crop  # counts that a wrong count would show
+        assert logged[crop] == pytest.approx([wrong1 / total, wrong5 / total], abs=1e-12), crop
+        printed = evaluate(out / "checkpoint.pt", shards, *args)
+        assert f"top-1 error {said(wrong1, total)}, top-5 error {said(wrong5, total)}" in printed, crop
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path):
@@ -188,9 +191,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pa
                    "--checkpoint-minutes", 0, "--no-ten-crop", check=False)
     assert result.returncode == 1
     assert "the training loss (or a weight) is" in result.stderr and "last good checkpoint" in result.stderr
-    if (out / "checkpoint.pt").exists():
-        state = torch.load(out / "checkpoint.pt", weights_only=True)
-        assert all(torch.isfinite(v).all() for v in state["model"].values())
+    state = torch.load(out / "checkpoint.pt", weights_only=True)  # step 1's: its loss was finite, its weights too
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert "is inf at epoch 1 step 2" in result.stderr or "is nan at epoch 1 step 2" in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -234,17 +237,26 @@ def test_a_damaged_shard_is_refused_before_the_first_step(shards, tmp_path):
     assert "sha256" not in skipped.stderr and "epoch 1: train loss" in skipped.stderr
 
 
-def test_shards_without_val_train_on_the_training_loss(tmp_path, ray_head):
+def test_shards_without_val_divide_the_lr_when_the_training_loss_stops_improving(tmp_path, ray_head):
     tiny = tmp_path / "shards"
     src = make_tree(tmp_path / "tree", train=3, val=0)
     shutil.rmtree(src / "val")
     preprocess(src, tiny, address=ray_head)
     out = tmp_path / "run"
-    result = train(tiny, out, "--epochs", 2, "--batch-size", 4, "--log-every", 1)
+    # an lr too small to move the weights (yet large enough that torch applies a tenth of it), no
+    # momentum, dropout or augmentation: every epoch's training loss is the first one's (the same images
+    # through the same net, in other batches), a plateau from epoch 2 on
+    result = train(tiny, out, "--epochs", 3, "--batch-size", 4, "--log-every", 1, "--lr", 1e-6, "--lr-patience", 0,
+                   "--init", "torch", "--momentum", 0, "--dropout", 0, "--no-augment")
     assert result.stderr.count("has no val split: training without validation") == 1
-    assert "epoch 2: train loss" in result.stderr and "no val split" in result.stderr
+    assert "epoch 3: train loss" in result.stderr and "no val split" in result.stderr
     assert "ten-crop" not in result.stderr and "Traceback" not in result.stderr
-    assert [m["top1"] for m in metrics(out, "epoch")] == [None, None]
+    epochs = metrics(out, "epoch")
+    assert [m["top1"] for m in epochs] == [None, None, None]
+    losses = [m["train_loss"] for m in epochs]
+    assert losses[1:] == pytest.approx(losses[:1] * 2, rel=5e-5)  # float32 rounding of other batchings: no
+    # improvement by ReduceLROnPlateau's measure (1e-4 relative)
+    assert [m["lr"] for m in epochs] == pytest.approx([1e-6, 1e-7, 1e-8], rel=1e-9)  # divided on each plateau
 
 
 def test_a_run_holds_its_folder_and_a_sigterm_stops_it_with_a_checkpoint_that_resumes_exactly(shards, clean,
@@ -325,7 +337,7 @@ def test_a_run_folder_without_room_for_two_checkpoints_is_refused_before_the_fir
 def test_a_disk_that_fills_during_the_run_fails_the_checkpoint_cleanly_and_keeps_the_last_good_one(shards, tmp_path):
     out = tmp_path / "filling"
     trainer = (f"{sys.executable} -m trainer.run --shards {shards} --out {out} --epochs 1 --batch-size 4 "
-               f"--steps-per-epoch 6 --log-every 1 --checkpoint-minutes 0 --no-ten-crop")
+               f"--steps-per-epoch 6 --log-every 1 --checkpoint-minutes 0 --no-ten-crop {' '.join(STABLE)}")
     # room for two checkpoints at the start; once the first is there, 300 MB of other files fill the disk
     script = (f"{trainer} & pid=$!; until [ -e {out}/checkpoint.pt ]; do sleep 0.05; done; kill -STOP $pid; "
               f"head -c 300M /dev/zero > {out}/other-files; kill -CONT $pid; wait $pid; echo exit $?; "

@@ -51,6 +51,9 @@ class Config:
     verify_shards: bool = True  # sha256 of every shard against the manifest before the first step
     resume: bool = False  # continue from the run folder's checkpoint
 
+    def __post_init__(self):
+        self.inputs = self.inputs or ("raw" if self.init == "paper" else "standardised")
+
 
 CHOICES = {"optimizer": ("sgd", "adam"), "init": ("paper", "torch"), "inputs": INPUTS, "device": ("cpu", "cuda"),
            "gpus_per_worker": (1, 2)}
@@ -83,7 +86,6 @@ def parse_args(argv=None, doc=None) -> Config:
     for name, least in AT_LEAST.items():
         if getattr(config, name) < least:
             p.error(f"--{name.replace('_', '-')} must be {least} or more, not {getattr(config, name)}")
-    config.inputs = config.inputs or ("raw" if config.init == "paper" else "standardised")
     world = config.workers or int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets WORLD_SIZE
     if config.batch_size % world:
         p.error(f"--batch-size {config.batch_size} is the global batch and must split evenly over {world} "

@@ -258,6 +258,12 @@ class Trainer:
         wrong1, wrong5, total = self.ranks.all_ranks([result["wrong1"], result["wrong5"], result["total"]]).sum(0).tolist()
         return wrong1 / total, wrong5 / total
 
+    def ten_crop_loader(self):
+        """This rank's slice of val, ten crops an image (section 4.1)."""
+        from pipeline import build_loader
+
+        return build_loader(self.config.shards, "val", self.batch_size, crops="ten", **self.loader_options)
+
     def fit(self) -> int:
         """Train to config.epochs, or until asked to stop; -> exit status."""
         config = self.config
@@ -280,9 +286,7 @@ class Trainer:
                 if self.epoch < config.epochs and self.ranks.any(self.stop.asked):
                     return self.stopped()
             if config.ten_crop and self.val_loader is not None:
-                from pipeline import build_loader
-                ten = build_loader(config.shards, "val", self.batch_size, crops="ten", **self.loader_options)
-                top1, top5 = self.evaluate(ten, ten_crop=True)
+                top1, top5 = self.evaluate(self.ten_crop_loader(), ten_crop=True)
                 if self.reports:
                     self.reports.final(self.epoch, top1, top5)
             return 0
