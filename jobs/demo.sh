@@ -49,7 +49,8 @@ ray_started=""
 echo "== 3/5 training: $RUN"
 resume=()
 [ -f "$RUN/checkpoint.pt" ] && resume=(--resume)
-# The paper's recipe (N(0, 0.01) init, SGD at 0.01) sits at chance on these digits for many epochs;
+# The paper's recipe (N(0, 0.01) init, SGD at 0.01) sits at chance on these digits, on its raw inputs as on
+# standardised ones (README, "The paper's inputs");
 # the quick recipe is PyTorch's default init and Adam at 1e-4, with a constant lr.
 step python -m trainer.run --shards "$SHARDS" --out "$RUN" --epochs "$EPOCHS" --batch-size 32 \
     --init torch --optimizer adam --lr 1e-4 --lr-patience 100 --log-every 15 "${resume[@]}"

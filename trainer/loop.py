@@ -82,6 +82,7 @@ class Trainer:
                                    normalisation=self.about["normalisation"],
                                    num_threads=config.cpus_per_worker if self.ranks.world > 1 else None)
         self.batch_size = config.batch_size // self.ranks.world  # parse_args checked that it divides
+        # one seed for all: the loader shares the shard order and gives each rank augmentation of its own
         self.train_loader = build_loader(config.shards, "train", self.batch_size, seed=config.seed,
                                          state=loader_state, crops="random" if config.augment else "center",
                                          fancy_pca_sigma=config.fancy_pca_sigma, **self.loader_options)
