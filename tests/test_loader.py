@@ -215,15 +215,19 @@ def test_bad_arguments_say_what_is_allowed(shards):
         build_loader(shards, crops="five")
     with pytest.raises(ValueError, match="rank 2 is not within world_size 2"):
         build_loader(shards, rank=2, world_size=2)
+    with pytest.raises(ValueError, match=r"inputs must be one of \('raw', 'standardised'\), not 'scaled'"):
+        build_loader(shards, inputs="scaled")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_pipeline_matches_cpu(shards):
-    cpu = next(iter(build_loader(shards, split="val", batch_size=9, crops="center")))
+    # standardised inputs, so that the tolerances below are in units of the pixels' std
+    cpu = next(iter(build_loader(shards, split="val", batch_size=9, crops="center", inputs="standardised")))
     for dtype, channels_last in [(torch.float32, False), (torch.float16, True), (torch.bfloat16, True)]:
         images, labels = next(iter(build_loader(shards, split="val", batch_size=9, crops="center",
-                                                device="cuda:0", dtype=dtype, channels_last=channels_last)))
+                                                inputs="standardised", device="cuda:0", dtype=dtype,
+                                                channels_last=channels_last)))
         assert images.device.type == "cuda" and images.dtype == dtype and labels.device.type == "cuda"
         assert images.is_contiguous(memory_format=torch.channels_last) == channels_last
         assert torch.equal(labels.cpu(), cpu[1])

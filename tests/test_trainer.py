@@ -136,6 +136,11 @@ def test_a_short_run_writes_its_run_folder(shards, tmp_path):
     assert 0 <= final["top1_ten_crop"] <= 1
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "scheduler", "rng", "loader"}
+    pca = json.loads((shards / "pca.json").read_text())
+    assert state["normalisation"] == {"inputs": "raw", "mean": pca["mean"], "std": [1 / 255] * 3}
+    total = json.loads((shards / "manifest.json").read_text())["splits"]["val"]["samples"]
+    wrong = round(epoch["top1"] * total)
+    assert f"top-1 error {said(wrong, total)}" in evaluate(out / "checkpoint.pt", shards)  # with the raw inputs too
     for png in ("kernels.png", "curves.png"):
         assert Image.open(out / png).info["Software"].startswith("Matplotlib"), png
     assert cv2.imread(str(out / "kernels.png")).shape[0] > 100
@@ -200,6 +205,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pa
     (["--shards", "/nonexistent/shards"], "does not exist: make shards with"),
     (["--shards", "SHARDS", "--warmup", "3"], "unrecognized arguments: --warmup"),
     (["--shards", "SHARDS", "--optimizer", "lamb"], "argument --optimizer: invalid choice: 'lamb'"),
+    (["--shards", "SHARDS", "--inputs", "scaled"], "argument --inputs: invalid choice: 'scaled'"),
     (["--shards", "SHARDS", "--log-every", "0"], "--log-every must be 1 or more, not 0"),
     (["--shards", "SHARDS", "--workers", "3"], "--batch-size 128 is the global batch and must split evenly over 3"),
     (["--shards", "SHARDS", "--workers", "64"], "64 workers with {'CPU': 1} each do not fit in the cluster's"),
