@@ -1,5 +1,8 @@
 # make test: .venv with the project installed, then the whole test suite (what CI runs).
 # make demo: the whole job on scikit-learn's handwritten digits (jobs/demo.sh), ~11 min on 2 CPU cores.
+# make gpu-check: on a CUDA machine, the GPU side measured into gpu-check/report.md and .json
+# (trainer/gpu_check.py), with the venv's python if there is one, else $(PYTHON) as it is (a GPU
+# machine that has torch with CUDA, and DALI on its PYTHONPATH).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +10,7 @@ BIN := $(VENV)/bin
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH := $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
 
-.PHONY: test demo clean
+.PHONY: test demo gpu-check clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,5 +25,8 @@ test: $(BIN)/.installed
 demo: $(BIN)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash jobs/demo.sh
 
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m trainer.gpu_check --out gpu-check
+
 clean:
-	rm -rf $(VENV) build *.egg-info data runs
+	rm -rf $(VENV) build *.egg-info data runs gpu-check

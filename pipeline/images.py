@@ -131,11 +131,37 @@ def to_sample(data: bytes, size: int = 256, quality: int = 90, max_pixels: int =
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    """Baseline JPEG (the GPU's hardware decoder takes nothing else), 4:2:0 as OpenCV writes it."""
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+                           [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_PROGRESSIVE, 0])
     if not ok:
         raise RuntimeError("OpenCV failed to encode a JPEG")
     return buf.tobytes()
+
+
+# the frame header (SOFn) markers, by the coding process they name; 0xC4, 0xC8 and 0xCC are not frames
+FRAMES = {0xC0: "baseline", 0xC1: "extended sequential", 0xC2: "progressive", 0xC3: "lossless",
+          0xC5: "differential sequential", 0xC6: "differential progressive", 0xC7: "differential lossless",
+          0xC9: "arithmetic sequential", 0xCA: "arithmetic progressive", 0xCB: "arithmetic lossless",
+          0xCD: "arithmetic differential sequential", 0xCE: "arithmetic differential progressive",
+          0xCF: "arithmetic differential lossless"}
+
+
+def jpeg_frame(data: bytes) -> str | None:
+    """The coding process a JPEG's frame header names ("baseline", "progressive", ...), read from the
+    markers before it; None where there is no frame header."""
+    i = 2  # after SOI
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte
+            i += 1
+            continue
+        if marker in FRAMES:
+            return FRAMES[marker]
+        if marker == 0xDA:  # the scan begins: no frame header came before it
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
 
 
 def decode_jpeg(data: bytes, rgb: bool = True) -> np.ndarray | None:

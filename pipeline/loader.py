@@ -10,7 +10,8 @@ the CPU, the same operators run on the CPU with `device_id=None`.
 
 Augmentation (paper, section 4.1), for crops="random":
   - a random 227x227 crop of the 256x256 image (the paper says 224; its conv1 arithmetic needs 227),
-    anchors uniform over the 30 x 30 integer positions;
+    anchors uniform over the 30 x 30 integer positions; only that window is decoded
+    (`fn.decoders.image_crop`, on the CPU and on the GPU);
   - a horizontal flip with p = 0.5;
   - Fancy PCA: the same RGB offset P (alpha * s) added to every pixel of an image, alpha ~ N(0, sigma^2)
     per image and component, P and lambda the eigenvectors and eigenvalues of pca.json ([0, 1] units);
@@ -71,7 +72,7 @@ def normalisation_of(pca: dict, inputs: str) -> dict:
 def build_loader(shards, split="train", batch_size=128, device="cpu", crops="random", seed=0, rank=0,
                  world_size=1, fancy_pca_sigma=0.1, fancy_pca_scale="sqrt", dtype=torch.float32,
                  channels_last=False, shuffle_buffer=4096, num_threads=None, state=None, with_params=False,
-                 inputs="raw", normalisation=None):
+                 inputs="raw", normalisation=None, hw_decoder_load=None):
     """-> Loader over `split` of the shard folder `shards`.
 
     dtype: torch.float32, or on CUDA torch.float16 / torch.bfloat16. channels_last: NCHW tensors in
@@ -79,6 +80,7 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
     with_params: (crops="random") also yield {"keys": the samples' keys, "params": [B, 3] int64
     (crop x, crop y, flipped)}, to check or replay what the augmentation did. normalisation: {"mean",
     "std"} to use instead of pca.json's with `inputs` (a checkpoint's own, evaluated on other shards).
+    hw_decoder_load: on CUDA, the share of images for the hardware JPEG decoder (DALI's default if None).
     """
     if crops not in ("random", "center", "ten"):
         raise ValueError(f"crops must be 'random', 'center' or 'ten', not {crops!r}")
@@ -96,9 +98,10 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
     if not entries:
         raise ValueError(f"{shards} has no {split} samples")
     pca = read_pca(shards)
-    span = manifest["settings"]["size"] - CROP
+    size = manifest["settings"]["size"]
+    span = size - CROP
     if span < 0:
-        raise ValueError(f"shards of {manifest['settings']['size']} px are smaller than the {CROP} px crop")
+        raise ValueError(f"shards of {size} px are smaller than the {CROP} px crop")
 
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -126,13 +129,12 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
             random_shuffle=crops == "random", initial_fill=shuffle_buffer,
             # a new order of the tar files every epoch, the same on every rank (the seed is shared)
             **({"shuffle_after_epoch": True, "shuffle_after_epoch_seed": seed} if crops == "random" else {}))
-        images = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
         labels = fn.pad(cls, shape=[LABEL_DIGITS], fill_value=0)
-
-        def crop(x, y, mirror, mean=mean255):
-            return fn.crop_mirror_normalize(
-                images, crop=(CROP, CROP), crop_pos_x=x, crop_pos_y=y, mirror=mirror, mean=mean,
-                std=std255, dtype=out_type, output_layout=layout)
+        # on the GPU: nvJPEG (and the hardware decoder, for the share hw_decoder_load gives it), its
+        # buffers sized for the shards' fixed side up front
+        decoder = dict(device="mixed", preallocate_width_hint=size, preallocate_height_hint=size,
+                       **({} if hw_decoder_load is None else {"hw_decoder_load": hw_decoder_load})) if gpu \
+            else dict(device="cpu")
 
         if crops == "random":
             # discrete positions k/span make the anchors exact integers 0..span
@@ -142,12 +144,24 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
             mean = mean255
             if fancy_pca_sigma:
                 mean = types.Constant(mean255) - sum(fn.random.normal() * types.Constant(d) for d in directions)
-            out = crop(x, y, mirror, mean)
+            # only the crop's window is decoded (ROI decoding): 227 x 227 of the 256 x 256
+            window = fn.decoders.image_crop(jpg, output_type=types.RGB, crop=(CROP, CROP), crop_pos_x=x,
+                                            crop_pos_y=y, **decoder)
+            out = fn.crop_mirror_normalize(window, mirror=mirror, mean=mean, std=std255, dtype=out_type,
+                                           output_layout=layout)
             if with_params:
                 params = fn.stack(x * span, y * span, fn.cast(mirror, dtype=types.FLOAT))
                 source = fn.pad(fn.get_property(jpg, key="source_info"), shape=[SOURCE_BYTES], fill_value=0)
                 return out, labels, params, source
             return out, labels
+
+        images = fn.decoders.image(jpg, output_type=types.RGB, **decoder)
+
+        def crop(x, y, mirror):
+            return fn.crop_mirror_normalize(
+                images, crop=(CROP, CROP), crop_pos_x=x, crop_pos_y=y, mirror=mirror, mean=mean255,
+                std=std255, dtype=out_type, output_layout=layout)
+
         c = (span // 2) / span if span else 0.0
         if crops == "center":
             return crop(c, c, 0), labels

@@ -220,8 +220,9 @@ def _finished(record_path, tar_path, idx_path, fingerprint):
 
 
 def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01, val_fraction=0.0,
-        progress=None, lock=None):
-    """Preprocess `src` into `out` on the Ray cluster this process is connected to.
+        progress=None, lock=None, processes=None):
+    """Preprocess `src` into `out` on the Ray cluster this process is connected to, or with
+    `processes`, on that many processes of this machine without Ray (trainer.gpu_check does).
 
     progress(shards_done, shards_total, images_processed) is called as shards finish. lock: the
     FolderLock on `out` the caller holds already; without one, run() takes it.
@@ -234,47 +235,70 @@ def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01
         log.info("skipped %d hidden entries (names starting with '.'), e.g. %s", len(tree.hidden), tree.hidden[0])
     specs = [spec for split in SPLITS for spec in plan(split, tree.splits[split], settings)]
     with nullcontext(lock) if lock else FolderLock(out) as lock:
-        records = _write_shards(specs, src, out, settings, progress)
+        records = _write_shards(specs, src, out, settings, progress, processes)
         try:
             return _finish(out, src, tree, records, settings, val_labels, val_fraction, max_reject_fraction, lock)
         except OSError as e:  # the driver's own writes: rejects, pca.json, the manifest
             raise JobFailed(_write_failed(out, e, specs, {r["name"]: r for r in records}, settings.size)) from None
 
 
-def _write_shards(specs, src, out, settings, progress) -> list[dict]:
-    import ray
-
+def _write_shards(specs, src, out, settings, progress, processes) -> list[dict]:
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the manifest is only ever there for a finished run
     _remove_stale(out, {spec["name"] for spec in specs})
-
-    task = ray.remote(num_cpus=1)(write_shard)
-    pending = {task.remote(spec, str(src), str(out), settings): spec["name"] for spec in specs}
     records, processed = {}, 0
     if progress:
         progress(0, len(specs), 0)
+    try:
+        for name, record in (_on_processes if processes else _on_ray)(specs, src, out, settings, processes):
+            records[name] = record
+            processed += 0 if record["resumed"] else record["inputs"]
+            if progress:
+                progress(len(records), len(specs), processed)
+    except OSError as e:  # a task could not write (a full disk, a quota): the others were cancelled
+        raise JobFailed(_write_failed(out, e, specs, records, settings.size)) from None
+    records = [records[spec["name"]] for spec in specs]
+    resumed = sum(r["resumed"] for r in records)
+    if resumed:
+        log.info("%d of %d shards were already complete and verified: kept", resumed, len(records))
+    return records
+
+
+def _on_ray(specs, src, out, settings, _):
+    """Yield (shard name, record) as the Ray tasks finish; raise the OSError that stops one, the others
+    cancelled (their references stay alive with the traceback: Ray says nothing of their errors)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(write_shard)
+    pending = {task.remote(spec, str(src), str(out), settings): spec["name"] for spec in specs}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             name = pending.pop(ref)  # finished: cancelling it too crashes Ray 2.60's driver (a failed check)
             try:
-                record = ray.get(ref)
+                yield name, ray.get(ref)
             except ray.exceptions.RayTaskError as e:
                 cause = getattr(e, "cause", None)
                 if not isinstance(cause, OSError):
                     raise
                 for other in pending:
                     ray.cancel(other)
-                raise JobFailed(_write_failed(out, cause, specs, records, settings.size)) from None
-            records[name] = record
-            processed += 0 if record["resumed"] else record["inputs"]
-        if progress:
-            progress(len(records), len(specs), processed)
-    records = [records[spec["name"]] for spec in specs]
-    resumed = sum(r["resumed"] for r in records)
-    if resumed:
-        log.info("%d of %d shards were already complete and verified: kept", resumed, len(records))
-    return records
+                raise cause from None
+
+
+def _on_processes(specs, src, out, settings, processes):
+    """The same, from a pool of `processes` processes of this machine."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(write_shard, spec, str(src), str(out), settings): spec["name"] for spec in specs}
+        try:
+            for future in as_completed(pending):
+                yield pending[future], future.result()
+        finally:  # a failed write stops the rest
+            for future in pending:
+                future.cancel()
 
 
 # A 256 x 256 JPEG at quality 90 of a photo: ~25 KB, 0.38 bytes a pixel (ImageNet-shaped test data)

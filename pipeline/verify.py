@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipeline.images import decode_jpeg
+from pipeline.images import decode_jpeg, jpeg_frame
 from pipeline.manifest import PCA, SPLITS, ShardDirError, read_manifest, write_json
 from pipeline.shards import INDEX_VERSION, iter_samples, sha256_file
 
@@ -126,6 +126,10 @@ def _verify_contents(tar, shard, size, classes, redo):
         count += 1
         if set(files) != {"cls", "jpg"}:
             raise ShardDirError(f"{tar}: sample {key} has {sorted(files)}, expected cls and jpg")
+        frame = jpeg_frame(files["jpg"])
+        if frame != "baseline":
+            raise ShardDirError(f"{tar}: {key}.jpg is a {frame or 'headerless'} JPEG, not baseline (the GPU's "
+                                f"hardware decoder takes baseline only): {redo}")
         image = decode_jpeg(files["jpg"])
         if image is None or image.shape != (size, size, 3):
             got = "nothing" if image is None else "x".join(map(str, image.shape))

@@ -54,3 +54,25 @@ def test_dali_reads_every_shard_with_its_index(shards):
             assert np.array(images[0]).shape == (256, 256, 3)
             labels.append(int(bytes(np.array(cls[0])).decode()))
         assert sorted(set(labels)) == [0, 1, 2]
+
+
+def test_the_shards_are_baseline_jpeg_and_other_processes_are_named(shards, tmp_path):
+    """The GPU's hardware JPEG decoder takes baseline only. Pillow's reading of each file is the
+    independent judge; a progressive JPEG is named as one (and refused by pipeline.verify)."""
+    import io
+
+    import cv2
+    from PIL import Image
+
+    from pipeline.images import jpeg_frame
+
+    jpegs = [files["jpg"] for tar in sorted(shards.glob("*.tar")) for _, files in iter_samples(tar)]
+    assert len(jpegs) == 33
+    for data in jpegs:
+        assert jpeg_frame(data) == "baseline" and not Image.open(io.BytesIO(data)).info.get("progressive")
+
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    progressive = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    assert Image.open(io.BytesIO(progressive)).info.get("progressive")
+    assert jpeg_frame(progressive) == "progressive"
+    assert jpeg_frame(b"\xff\xd8\xff\xda\0\2") is None  # a scan without a frame header

@@ -20,18 +20,22 @@ from pipeline.loader import CROP
 from trainer.model import AlexNet
 
 
-def model_rate(device, batch_size, seconds) -> float:
-    """img/s of AlexNet's training step (1000 classes) on random [batch_size, 3, 227, 227] batches."""
-    model = AlexNet(num_classes=1000).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch_size, 3, CROP, CROP, device=device)
-    y = torch.randint(0, 1000, (batch_size,), device=device)
+def model_rate(device, batch_size, seconds, bf16=True, channels_last=None, compile_mode=None) -> float:
+    """img/s of AlexNet's training step (1000 classes) on random [batch_size, 3, 227, 227] batches, as the
+    trainer takes it: bf16 autocast (`bf16`) and channels_last memory (default: on CUDA). compile_mode:
+    torch.compile's mode for the model ("default"; "reduce-overhead" replays CUDA graphs), None: eager."""
     gpu = torch.device(device).type == "cuda"
+    memory = torch.channels_last if (gpu if channels_last is None else channels_last) else torch.contiguous_format
+    model = AlexNet(num_classes=1000).to(device).to(memory_format=memory)
+    net = torch.compile(model, mode=compile_mode) if compile_mode else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch_size, 3, CROP, CROP, device=device).to(memory_format=memory)
+    y = torch.randint(0, 1000, (batch_size,), device=device)
 
     def steps():
         while True:
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=gpu):
-                loss = torch.nn.functional.cross_entropy(model(x), y)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=gpu and bf16):
+                loss = torch.nn.functional.cross_entropy(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -39,7 +43,7 @@ def model_rate(device, batch_size, seconds) -> float:
                 torch.cuda.synchronize()
             yield batch_size
 
-    return rate(steps(), seconds, warmup=1)
+    return rate(steps(), seconds, warmup=3 if compile_mode else 1)  # compiling, CUDA graphs' recording
 
 
 def main(argv=None):

@@ -40,7 +40,7 @@ class Config:
     device: str = ""  # cpu or cuda; default cuda if present
     gpus_per_worker: int = 1  # (also --gpus) 2: tower 0 on the first GPU, tower 1 on the second (section 3.2)
     workers: int = 0  # data-parallel replicas on Ray Train; 0: this process alone (torchrun sets its own)
-    cpus_per_worker: int = 1  # CPU cores of a Ray Train worker: its torch threads and DALI threads
+    cpus_per_worker: int = 0  # CPU cores of a worker (Ray Train, torchrun): its torch and DALI threads; 0: the node's cores divided by its workers (a Ray Train worker then asks Ray for 1)
     address: str = ""  # the Ray cluster for --workers; default $RAY_ADDRESS, else a private Ray on 127.0.0.1
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before a Ray Train run stops
     seed: int = 0  # seeds the initial weights, dropout masks, augmentation and shard order
@@ -57,7 +57,7 @@ class Config:
 
 CHOICES = {"optimizer": ("sgd", "adam"), "init": ("paper", "torch"), "inputs": INPUTS, "device": ("cpu", "cuda"),
            "gpus_per_worker": (1, 2)}
-AT_LEAST = {"epochs": 1, "batch_size": 1, "log_every": 1, "cpus_per_worker": 1, "workers": 0, "max_failures": 0,
+AT_LEAST = {"epochs": 1, "batch_size": 1, "log_every": 1, "cpus_per_worker": 0, "workers": 0, "max_failures": 0,
             "steps_per_epoch": 0, "checkpoint_minutes": 0}
 
 

@@ -140,7 +140,7 @@ def ray_train(config: Config) -> int:
         have = ray.cluster_resources()
         config.device = config.device or ("cuda" if have.get("GPU") else "cpu")
         gpu = config.device == "cuda"
-        resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if gpu else {})}
+        resources = {"CPU": config.cpus_per_worker or 1, **({"GPU": config.gpus_per_worker} if gpu else {})}
         if any(config.workers * n > have.get(kind, 0) for kind, n in resources.items()):
             short = (f"{config.workers} workers with {resources} each do not fit in the cluster's "
                      f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs")
@@ -198,7 +198,10 @@ def worker(loop_config: dict) -> int:
 
 def place(config: Config, gpus: list, local_rank: int, local_world: int) -> list:
     """This process's device(s): its GPUs with config.device "cuda" (the first made current: NCCL's
-    objects travel on it), else the CPU, kept to cores of its own; torch's threads, one a core."""
+    objects travel on it), else the CPU, kept to cores of its own; torch's threads, one a core.
+    config.cpus_per_worker 0 becomes this node's cores divided by its workers: on a GPU node, nvJPEG's
+    host-side decoding and DALI's CPU operators get the node's cores, not one each."""
+    config.cpus_per_worker = config.cpus_per_worker or max(1, len(os.sched_getaffinity(0)) // local_world)
     torch.set_num_threads(config.cpus_per_worker)
     if config.device == "cuda":
         torch.cuda.set_device(gpus[0])

@@ -1,0 +1,35 @@
+"""trainer.gpu_check's report, from its CPU parts: what CI can run of it."""
+import json
+import re
+import subprocess
+import sys
+
+import torch
+
+from conftest import REPO
+
+
+def test_the_report_holds_every_section_and_the_table_says_what_the_json_holds(tmp_path):
+    cmd = [sys.executable, "-m", "trainer.gpu_check", "--quick", "--no-tests", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    table = (tmp_path / "report.md").read_text()
+    assert table in result.stdout  # printed as written
+    env = report["environment"]
+    assert env["cpu_cores"] >= 1 and env["versions"]["torch"] == torch.__version__ and env["versions"]["nvidia.dali"]
+    names = [name for name, _, _ in report["rows"]]
+    for wanted in ("decode_only", "train_pipeline", "cpu_decode", "train_pipeline, 1 DALI threads",
+                   "train_pipeline, hw_decoder_load 0.0", "model: torch.compile",
+                   "model: CUDA graphs (compile reduce-overhead)", "training, 2 steps, --gpus 1 (CPU)"):
+        assert wanted in names, (wanted, names)
+    rows = {name: value for name, _, value in report["rows"]}
+    assert rows["model: torch.compile"] == "no GPU"  # without CUDA, its CUDA rows say so
+    ratio = rows["train_pipeline"] / rows["model: fp32, eager"]
+    assert report["headline"] == f"{ratio:.2f}" and f"**headline: train_pipeline / model = {ratio:.2f}**" in table
+    for name, batch, value in report["rows"]:  # each row of the JSON is a row of the table
+        shown = f"{value:,.0f}" if isinstance(value, float) else value
+        assert f"| {name} | {batch} | {shown} |" in table, name
+    assert re.search(r"\| training, data wait \(share of step time\), --gpus 1 \| 8 \| \d+\.\d%", table)
+    shards = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert shards["splits"]["train"]["samples"] + shards["splits"]["val"]["samples"] == 48

@@ -1,0 +1,221 @@
+"""One command that measures the whole GPU side and writes one report.
+
+    make gpu-check                       # the same as: python -m trainer.gpu_check --out gpu-check
+    python -m trainer.gpu_check --quick  # seconds, not minutes: what CI runs, on its CPU
+
+It needs a checkout, torch (with CUDA for the GPU rows) and DALI; no Ray (the shards are made
+in-process), no network. It writes OUT/report.json and OUT/report.md and prints the table:
+
+  environment  the GPU (nvidia-smi's name), its driver, the CPU cores, the versions
+  gpu tests    python -m pytest -m gpu: how many passed, failed, were skipped
+  pipeline     at each batch size, on shards it makes (ImageNet-shaped: 256 x 256 baseline JPEGs):
+               decode_only (nvJPEG, DALI's "mixed"), train_pipeline (build_loader on the GPU),
+               cpu_decode (the same pipeline on the CPU), DALI threads at 1, 4 and all cores, and
+               the hardware decoder's share (hw_decoder_load) at 0, DALI's default and 1
+  model        AlexNet's training step, img/s: bf16 + channels_last eager (the trainer's), with
+               cudnn.benchmark off, fp32 with TF32 and without, torch.compile, CUDA graphs
+               (torch.compile's "reduce-overhead")
+  headline     train_pipeline / model: at 1 or more the GPU never waits on data
+  training     a short run of the paper's recipe (python -m trainer.run): img/s and data wait;
+               with two GPUs, the split net (--gpus 2) beside it
+
+Without a GPU every CUDA row says so and the rest runs on the CPU, so that CI runs all of it but
+the CUDA calls. Figures are measured in this run; nothing is projected.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def environment() -> dict:
+    gpus = []
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60)
+        gpus = [line.strip() for line in smi.stdout.splitlines() if line.strip()]
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("nvidia.dali", "numpy", "cv2"):
+        try:
+            versions[name] = __import__(name, fromlist=["__version__"]).__version__
+        except ImportError:
+            versions[name] = None
+    return {"gpus": gpus or ["none"], "cuda_devices": torch.cuda.device_count(),
+            "cpu_cores": len(os.sched_getaffinity(0)), "cpu": platform.processor() or platform.machine(),
+            "versions": versions}
+
+
+def make_shards(folder: Path, images: int, processes: int) -> Path:
+    """ImageNet-shaped shards: photo-like pictures of 500 x 375, in 10 classes, through the real
+    preprocessing (256 x 256 baseline JPEGs at quality 90), on `processes` processes, without Ray."""
+    import cv2
+
+    from pipeline.preprocess import Settings, run
+
+    src, shards = folder / "src", folder / "shards"
+    if (shards / "manifest.json").exists():
+        return shards
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        cls = src / "train" / f"c{i % 10}"
+        cls.mkdir(parents=True, exist_ok=True)
+        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)  # smooth shapes, some texture
+        picture = cv2.resize(coarse, (500, 375), interpolation=cv2.INTER_CUBIC)
+        picture = np.clip(picture + rng.normal(0, 8, picture.shape), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(cls / f"{i}.JPEG"), picture, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    run(src, shards, Settings(shard_size=max(8, images // 16)), val_fraction=0.1, processes=processes)
+    return shards
+
+
+def pipeline_rows(shards, gpu, batch_sizes, seconds, cores) -> list:
+    """[(name, batch size, img/s or a reason)]: the input pipeline's figures."""
+    from pipeline.bench import bench_loader, rate
+    from pipeline.loader import build_loader
+
+    device = "cuda:0" if gpu else "cpu"
+    rows = []
+
+    def train_pipeline(**options):
+        loader = build_loader(str(shards), batch_size=batch, device=options.pop("device", device), **options)
+
+        def batches():
+            while True:
+                for _, labels in loader:
+                    if gpu:
+                        torch.cuda.synchronize()
+                    yield len(labels)
+
+        return rate(batches(), seconds)
+
+    for batch in batch_sizes:
+        figures = bench_loader(str(shards), device, batch, seconds, cores)
+        rows += [("decode_only", batch, figures["decode_only"]), ("train_pipeline", batch, figures["train_pipeline"]),
+                 ("baseline (webdataset + Pillow)", batch, figures["baseline"])]
+        rows.append(("cpu_decode", batch, train_pipeline(device="cpu") if gpu else "no GPU: train_pipeline is it"))
+    batch = batch_sizes[0]
+    for threads in sorted({1, min(4, cores), cores}):
+        rows.append((f"train_pipeline, {threads} DALI threads", batch, train_pipeline(num_threads=threads)))
+    for load in (0.0, None, 1.0):
+        name = f"train_pipeline, hw_decoder_load {'DALI default' if load is None else load}"
+        rows.append((name, batch, train_pipeline(hw_decoder_load=load) if gpu else "no GPU"))
+    return rows
+
+
+def model_rows(gpu, batch_sizes, seconds) -> list:
+    from trainer.bench import model_rate
+
+    device = "cuda:0" if gpu else "cpu"
+    rows = []
+    for batch in batch_sizes:
+        rows.append(("model: bf16, channels_last, eager" if gpu else "model: fp32, eager", batch,
+                     model_rate(device, batch, seconds)))
+    batch = batch_sizes[0]
+    if not gpu:
+        return rows + [(name, batch, "no GPU") for name in (
+            "model: cudnn.benchmark off", "model: fp32, TF32", "model: fp32, no TF32", "model: torch.compile",
+            "model: CUDA graphs (compile reduce-overhead)")]
+    torch.backends.cudnn.benchmark = False
+    rows.append(("model: cudnn.benchmark off", batch, model_rate(device, batch, seconds)))
+    torch.backends.cudnn.benchmark = True
+    for tf32 in (True, False):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        rows.append((f"model: fp32, {'TF32' if tf32 else 'no TF32'}", batch, model_rate(device, batch, seconds, bf16=False)))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    for mode, name in (("default", "model: torch.compile"), ("reduce-overhead", "model: CUDA graphs (compile reduce-overhead)")):
+        try:
+            rows.append((name, batch, model_rate(device, batch, seconds, compile_mode=mode)))
+        except Exception as e:  # a compiler that fails here is a finding, not the end of the report
+            rows.append((name, batch, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+    return rows
+
+
+def training_rows(shards, folder, gpu, steps, batch) -> list:
+    """A short run of the paper's recipe through python -m trainer.run; with two GPUs, --gpus 2 too."""
+    rows = []
+    for gpus in ([1, 2] if gpu and torch.cuda.device_count() >= 2 else [1]):
+        out = folder / f"run-gpus{gpus}"
+        cmd = [sys.executable, "-m", "trainer.run", "--shards", str(shards), "--out", str(out), "--epochs", "1",
+               "--steps-per-epoch", str(steps), "--batch-size", str(batch), "--no-ten-crop", "--no-verify-shards",
+               "--log-every", str(max(1, steps // 4)), "--gpus", str(gpus), "--checkpoint-minutes", "1000"]
+        started = time.perf_counter()
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        name = f"training, {steps} steps, --gpus {gpus}" + ("" if gpu else " (CPU)")
+        if result.returncode:
+            rows.append((name, batch, f"failed ({result.returncode}): {result.stderr.strip().splitlines()[-1][:200]}"))
+            continue
+        epoch = [json.loads(line) for line in open(out / "metrics.jsonl") if '"epoch"' in line][-1]
+        rows.append((name, batch, epoch["img_s"]))
+        rows.append((f"training, data wait (share of step time), --gpus {gpus}", batch, f"{100 * epoch['data_wait']:.1f}%"))
+        rows.append((f"training, wall time, --gpus {gpus}", batch, f"{time.perf_counter() - started:.0f} s"))
+    return rows
+
+
+def gpu_tests() -> dict:
+    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
+                            cwd=REPO, capture_output=True, text=True)
+    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", result.stdout)}
+    return {"exit_status": result.returncode, **counts, "tail": result.stdout[-3000:]}
+
+
+def markdown(report) -> str:
+    env = report["environment"]
+    lines = [f"# gpu-check, {report['date']}", "",
+             f"GPU: {', '.join(env['gpus'])}; {env['cpu_cores']} CPU cores; "
+             + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), ""]
+    if "gpu_tests" in report:
+        t = report["gpu_tests"]
+        lines += [f"gpu tests: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, "
+                  f"{t.get('errors', t.get('error', 0))} errors, {t.get('skipped', 0)} skipped", ""]
+    lines += [f"**headline: train_pipeline / model = {report['headline']}**", "",
+              "| figure | batch | img/s |", "| --- | --- | --- |"]
+    for name, batch, value in report["rows"]:
+        lines.append(f"| {name} | {batch} | {value:,.0f} |" if isinstance(value, float) else f"| {name} | {batch} | {value} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="gpu-check", help="where the report (and the shards it makes) go")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and short measurements (CI's check of the CPU parts)")
+    p.add_argument("--no-tests", dest="tests", action="store_false", help="skip python -m pytest -m gpu")
+    args = p.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    images, batch_sizes, seconds, steps = (48, [8], 0.2, 2) if args.quick else (4096, [128, 256], 4.0, 300)
+    cores = len(os.sched_getaffinity(0))
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    if gpu:
+        torch.backends.cudnn.benchmark = True  # the trainer's input shape is fixed
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "gpu": gpu, "environment": environment()}
+    print(f"gpu-check: {report['environment']['gpus'][0]}, {cores} cores, into {folder}", flush=True)
+    if args.tests:
+        report["gpu_tests"] = gpu_tests()
+    shards = make_shards(folder, images, processes=cores)
+    rows = pipeline_rows(shards, gpu, batch_sizes, seconds, cores)
+    rows += model_rows(gpu, batch_sizes, seconds)
+    rows += training_rows(shards, folder, gpu, steps, batch_sizes[0])
+    report["rows"] = rows
+    first = {name: value for name, batch, value in rows if batch == batch_sizes[0]}
+    model = first["model: bf16, channels_last, eager" if gpu else "model: fp32, eager"]
+    report["headline"] = f"{first['train_pipeline'] / model:.2f}"
+    (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = markdown(report)
+    (folder / "report.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
