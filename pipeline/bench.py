@@ -84,7 +84,6 @@ def bench_loader(shards, device, batch_size, seconds, cores):
     import torch
     from nvidia.dali import fn, pipeline_def, types
 
-    from pipeline import build_loader
     from pipeline.manifest import read_manifest, read_pca
 
     gpu = torch.device(device).type == "cuda"
@@ -108,19 +107,30 @@ def bench_loader(shards, device, batch_size, seconds, cores):
                 torch.cuda.synchronize()
             yield len(out)
 
+    figures = {"device": str(device), "batch_size": batch_size, "cores": cores,
+               "decode_only": rate(decoded_batches(), seconds)}
+    del pipe
+    figures["train_pipeline"] = loader_rate(shards, device, batch_size, seconds, num_threads=cores)
+    figures["baseline"] = rate(_epochs(lambda: (len(y) for _, y in _baseline(tars, read_pca(shards), batch_size, cores))),
+                                seconds)
+    return figures
+
+
+def loader_rate(shards, device, batch_size, seconds, **options) -> float:
+    """img/s of build_loader(crops="random", **options) on `device`, the tensors handed over."""
+    import torch
+
+    from pipeline import build_loader
+
+    loader = build_loader(shards, batch_size=batch_size, device=device, crops="random", **options)
+    gpu = torch.device(device).type == "cuda"
+
     def sync(n):
         if gpu:
             torch.cuda.synchronize()
         return n
 
-    loader = build_loader(shards, batch_size=batch_size, device=device, crops="random", num_threads=cores)
-    figures = {"device": str(device), "batch_size": batch_size, "cores": cores,
-               "decode_only": rate(decoded_batches(), seconds),
-               "train_pipeline": rate((sync(len(y)) for y in _epochs(lambda: (y for _, y in loader))), seconds)}
-    del pipe, loader
-    figures["baseline"] = rate(_epochs(lambda: (len(y) for _, y in _baseline(tars, read_pca(shards), batch_size, cores))),
-                                seconds)
-    return figures
+    return rate((sync(len(y)) for y in _epochs(lambda: (y for _, y in loader))), seconds)
 
 
 def _baseline(tars, pca, batch_size, workers):

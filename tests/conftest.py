@@ -1,5 +1,6 @@
 """Fixtures: small generated image trees, a real Ray head on 127.0.0.1, and the job run on them."""
 import colorsys
+import functools
 import json
 import os
 import secrets
@@ -121,6 +122,7 @@ def fitted(tmp_path_factory, ray_head):
     return tree, root / "shards", root / "run"
 
 
+@functools.cache  # the same checkpoint for several tests: its net runs once
 def numpy_errors(checkpoint, shards) -> dict:
     """A checkpoint's val errors, by a computation of the tests' own: the val JPEGs read from the tars
     with tarfile, decoded by OpenCV (libjpeg-turbo, as DALI on the CPU), cropped and normalised in numpy,

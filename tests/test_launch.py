@@ -5,7 +5,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 
 import pytest
 import torch

@@ -81,23 +81,13 @@ def make_shards(folder: Path, images: int, processes: int) -> Path:
 
 def pipeline_rows(shards, gpu, batch_sizes, seconds, cores) -> list:
     """[(name, batch size, img/s or a reason)]: the input pipeline's figures."""
-    from pipeline.bench import bench_loader, rate
-    from pipeline.loader import build_loader
+    from pipeline.bench import bench_loader, loader_rate
 
     device = "cuda:0" if gpu else "cpu"
     rows = []
 
     def train_pipeline(**options):
-        loader = build_loader(str(shards), batch_size=batch, device=options.pop("device", device), **options)
-
-        def batches():
-            while True:
-                for _, labels in loader:
-                    if gpu:
-                        torch.cuda.synchronize()
-                    yield len(labels)
-
-        return rate(batches(), seconds)
+        return loader_rate(str(shards), options.pop("device", device), batch, seconds, **options)
 
     for batch in batch_sizes:
         figures = bench_loader(str(shards), device, batch, seconds, cores)
@@ -155,7 +145,8 @@ def training_rows(shards, folder, gpu, steps, batch) -> list:
         if result.returncode:
             rows.append((name, batch, f"failed ({result.returncode}): {result.stderr.strip().splitlines()[-1][:200]}"))
             continue
-        epoch = [json.loads(line) for line in open(out / "metrics.jsonl") if '"epoch"' in line][-1]
+        with open(out / "metrics.jsonl") as f:
+            epoch = [m for m in map(json.loads, f) if m["kind"] == "epoch"][-1]
         rows.append((name, batch, epoch["img_s"]))
         rows.append((f"training, data wait (share of step time), --gpus {gpus}", batch, f"{100 * epoch['data_wait']:.1f}%"))
         rows.append((f"training, wall time, --gpus {gpus}", batch, f"{time.perf_counter() - started:.0f} s"))
