@@ -1,11 +1,14 @@
-"""Turn an ImageNet-style tree into 256x256 WebDataset shards, on Ray.
+"""Turn ImageNet, as downloaded, into 256x256 WebDataset shards, on Ray.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/preprocess.py --src /data/imagenet --out shards/
     python jobs/preprocess.py --src /data/imagenet --out shards/   # no cluster: starts Ray locally
 
-On a cluster, --src and --out must be paths that every node sees (NFS, a shared volume):
-each task reads its inputs and writes its shard there directly.
+--src is any of: the folder holding the official archives (ILSVRC2012_img_train.tar,
+ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz), read in place; Kaggle's copy (ILSVRC/Data/CLS-LOC/,
+LOC_val_solution.csv); or a tree train/<class>/ with val/<class>/ or a flat val/ (labelled by the devkit
+beside it, or --val-labels). On a cluster, --src and --out must be paths that every node sees (NFS, a
+shared volume): each task reads its inputs and writes its shard there directly.
 """
 import argparse
 import logging
@@ -43,9 +46,12 @@ class Progress:
 def parse_args(argv=None):
     defaults = {f.name: f.default for f in fields(Settings)}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, help="tree with train/<class>/<file> and val/<class>/<file>")
+    p.add_argument("--src", required=True, help="ImageNet's archives, Kaggle's copy, or a tree train/<class>/<file> "
+                                                "with val/<class>/<file> or a flat val/ (see above)")
     p.add_argument("--out", required=True, help="output folder for shards, manifest, pca.json, rejects")
-    p.add_argument("--val-labels", help="val/ is flat; this file has lines '<filename> <class>'")
+    p.add_argument("--val-labels", help="labels of a flat val: the devkit (ILSVRC2012_devkit_t12.tar.gz or its folder), "
+                                        "Kaggle's LOC_val_solution.csv, or lines '<file> <class>' (default: the "
+                                        "devkit or Kaggle's CSV in --src)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="a tree without val/: hold out this share of every class of train/ as val (seeded)")
     p.add_argument("--size", type=int, default=defaults["size"], help="output side in pixels")

@@ -34,18 +34,18 @@ def bench_preprocess(src, cores):
     import cv2
     import ray
 
-    from pipeline.images import Rejected, decode_square, encode_jpeg, read_bytes, resize_center_crop
-    from pipeline.preprocess import Settings, run, scan
+    from pipeline.images import Rejected, decode_square, encode_jpeg, resize_center_crop
+    from pipeline.preprocess import Settings, read_input, run, scan
 
     cv2.setNumThreads(1)
-    paths = [Path(src) / rel for items in scan(src).splits.values() for rel, _ in items]
+    inputs = [where for items in scan(src).splits.values() for _, _, where in items if where]
     start = time.perf_counter()
-    for path in paths:
+    for where in inputs:
         try:
-            encode_jpeg(resize_center_crop(decode_square(read_bytes(path))))
+            encode_jpeg(resize_center_crop(decode_square(read_input(Path(src), where))))
         except Rejected:
             pass
-    single = len(paths) / (time.perf_counter() - start)
+    single = len(inputs) / (time.perf_counter() - start)
 
     ray.init(address="local", num_cpus=cores, _node_ip_address="127.0.0.1", include_dashboard=False,
              log_to_driver=False)
@@ -53,14 +53,14 @@ def bench_preprocess(src, cores):
         # start every worker and import the task's modules before the clock starts
         warm = ray.remote(num_cpus=1)(_import_task_modules)
         ray.get([warm.remote() for _ in range(cores)])
-        shard_size = max(1, math.ceil(len(paths) / (8 * cores)))  # >= 8 tasks a core: no idle tail
+        shard_size = max(1, math.ceil(len(inputs) / (8 * cores)))  # >= 8 tasks a core: no idle tail
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
             run(src, out, Settings(shard_size=shard_size), max_reject_fraction=1.0)
-            job = len(paths) / (time.perf_counter() - start)
+            job = len(inputs) / (time.perf_counter() - start)
     finally:
         ray.shutdown()
-    return {"images": len(paths), "cores": cores, "single_loop": single, "ray_job": job,
+    return {"images": len(inputs), "cores": cores, "single_loop": single, "ray_job": job,
             "ratio_to_cores_x_single": job / (cores * single)}
 
 

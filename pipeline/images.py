@@ -23,12 +23,16 @@ class Rejected(Exception):
         self.category = category
 
 
-def read_bytes(path) -> bytes:
+def read_bytes(path, start=0, size=-1) -> bytes:
+    """The file's bytes, or `size` of them from `start` (an image inside an archive)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            f.seek(start)
+            data = f.read(size)
     except OSError as e:
         raise Rejected("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
+    if len(data) < size:
+        raise Rejected("truncated", f"{path} ends {size - len(data):,} bytes before this image does")
     if not data:
         raise Rejected("empty", "zero-byte file")
     return data

@@ -6,7 +6,9 @@
                          (eigenvector i is column i), pixels: over every training pixel as the
                          shards hold it, in [0, 1] units
     rejects.jsonl        one {"path", "reason"} per input that was not written
-    manifest.json        written last: classes, per split the shards (name, index, samples, bytes,
+    manifest.json        written last: classes (sorted folder names, wnids: a class's index is its
+                         position), class_names (per class its words, "tabby, tabby cat", where the
+                         source names them, else ""), source (archives, kaggle or tree), per split the shards (name, index, samples, bytes,
                          sha256, index_sha256), totals (inputs, written, rejected, rejected_by_reason,
                          skipped_hidden), settings, tool
     .parts/              one record per finished shard, so that a rerun resumes
@@ -35,6 +37,12 @@ def write_json(path, obj):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def class_labels(classes, names=None) -> list[str]:
+    """How each class is printed: its wnid, then its words where the source named them
+    ("n02123045 tabby, tabby cat"); a plain tree's classes keep their folder names alone."""
+    return [f"{c} {n}" if n else c for c, n in zip(classes, names or [""] * len(classes))]
 
 
 def read_manifest(shards) -> dict:

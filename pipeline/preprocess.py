@@ -1,4 +1,5 @@
-"""ImageNet-style tree -> WebDataset shards, index files, pca.json, rejects.jsonl, manifest.json.
+"""ImageNet, in any form it is downloaded in -> WebDataset shards, index files, pca.json, rejects.jsonl,
+manifest.json.
 
 One Ray task per output shard. A task writes its shard under a temporary name, decodes every
 JPEG it wrote once more, renames the shard into place and then writes a record of it under
@@ -10,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -20,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import __version__
+from pipeline import __version__, imagenet
 from pipeline.lock import FolderLock
 from pipeline.images import MAX_PIXELS, Rejected, read_bytes, to_sample
 from pipeline.manifest import MANIFEST, PARTS, PCA, REJECTS, SPLITS, write_json
 from pipeline.pca import Moments
 from pipeline.shards import ShardWriter, replace_atomically, sha256_file
+from pipeline.tasks import JobFailed, parallel
 
 log = logging.getLogger(__name__)
 
@@ -41,71 +44,112 @@ class Settings:
     max_pixels: int = MAX_PIXELS  # decompression-bomb cap, width x height of the stored image
 
 
-class JobFailed(Exception):
-    """The job ran but its result must not be used; the message says why and what to do."""
-
-
 @dataclass
 class Tree:
-    classes: list  # sorted folder names of train/; a class's index is its position
-    splits: dict  # {split: [(relative path, class index or -1 if unlabelled)]}, sorted by path
+    classes: list  # sorted folder names (wnids) of train; a class's index is its position
+    # {split: [(name, class index or -1 if unlabelled, where)]}, sorted by name. name: the image's path in
+    # the extracted tree (train/<class>/<file>, val/<file>), whatever the form, so that every form of the
+    # same images gives the same shards; where: how to read it, a path in src, (archive, offset, size),
+    # or None for an image that labels name but val lacks
+    splits: dict
     hidden: list  # paths of entries whose names start with "." (.ipynb_checkpoints, .DS_Store): skipped
+    names: list  # per class, its words ("tabby, tabby cat") where the source names them, else ""
+    form: str  # "archives", "kaggle" or "tree" (pipeline.imagenet)
 
 
-def scan(src, val_labels=None, val_fraction=0.0, seed=0) -> Tree:
-    """The inputs of a tree. val_fraction: hold out this share of every class of train/ as val
-    (seeded), for a tree without val/."""
-    src = Path(src)
-    train = src / "train"
-    if not train.is_dir():
-        raise JobFailed(f"{train} is not a folder: --src must hold train/<class>/<image files>")
-    classes = sorted(d.name for d in _visible(train, []) if d.is_dir())  # hidden ones counted below
-    hidden = []
+def scan(src, val_labels=None, val_fraction=0.0, seed=0, out=None, processes=None) -> Tree:
+    """The inputs in `src`: ImageNet's archives, Kaggle's copy, or a tree of train/<class>/ and either
+    val/<class>/ or a flat val/ with labels (pipeline.imagenet). The archives are indexed into
+    OUT/.index/ on Ray (or `processes`). val_fraction: hold out this share of every class of train as
+    val (seeded), for a source without val."""
+    src, hidden = Path(src), []
+    if (src / imagenet.TRAIN_TAR).exists():
+        form, labels = "archives", val_labels or imagenet.devkit_beside(src)
+        train, val = imagenet.read_archives(src, out, processes, hidden)
+        val = {"": val} if (src / imagenet.VAL_TAR).exists() else None
+        where = f"{src / imagenet.VAL_TAR}"
+    else:
+        kaggle = (src / imagenet.KAGGLE / "train").is_dir()
+        form, base = ("kaggle", imagenet.KAGGLE) if kaggle else ("tree", "")
+        if not (src / base / "train").is_dir():
+            raise JobFailed(f"{src} holds neither train/<class>/ folders, nor {imagenet.TRAIN_TAR}, nor Kaggle's "
+                            f"{imagenet.KAGGLE}/train/: --src must be one of them (README: ImageNet as downloaded)")
+        train = _folders(src, base, "train", hidden)
+        val = _folders(src, base, "val", hidden) if (src / base / "val").is_dir() else None
+        labels = val_labels or (_exists(src / imagenet.KAGGLE_LABELS) if kaggle else imagenet.devkit_beside(src))
+        where = f"{src / base / 'val'}"
+    classes = sorted(train)
     if not classes:
-        raise JobFailed(f"{train} has no class folders: expected train/<class>/<image files>")
+        raise JobFailed(f"{src} has no classes: expected train/<class>/<image files>")
     index = {c: i for i, c in enumerate(classes)}
-    splits = {"train": _class_folders(src, "train", index, hidden), "val": []}
-    has_val = val_labels is not None or (src / "val").is_dir()
-    if val_fraction and has_val:
-        raise JobFailed(f"--val-fraction holds out part of train/ for a tree without val/, and {src} has one: "
-                        f"drop --val-fraction, or the val/ folder")
-    if val_labels is not None:
-        splits["val"] = _flat_folder(src / "val", Path(val_labels), index, hidden)
-    elif has_val:
-        splits["val"] = _class_folders(src, "val", index, hidden)
+    names = imagenet.read_names(src / imagenet.KAGGLE_NAMES) if (src / imagenet.KAGGLE_NAMES).is_file() else {}
+    splits = {"train": [(name, index[c], at) for c in classes for name, at in train[c]], "val": []}
+    if val_fraction and (val is not None or val_labels):
+        raise JobFailed(f"--val-fraction holds out part of train for a source without val, and {src} has one: "
+                        f"drop --val-fraction, or the val images")
+    foldered, flat = {c: v for c, v in (val or {}).items() if c}, (val or {}).get("", [])
+    if foldered and flat:
+        raise JobFailed(f"{where} holds both class folders and loose files: keep one form (README)")
+    if foldered:  # val/<class>/<file>
+        if val_labels:
+            raise JobFailed(f"{where} has class folders, which label its images: drop --val-labels")
+        if foldered.keys() - index.keys():
+            raise JobFailed(f"{where}/{min(foldered.keys() - index.keys())} names a class that train does not have")
+        splits["val"] = [(name, index[c], at) for c in sorted(foldered) for name, at in foldered[c]]
+    elif flat or val_labels:
+        if not labels:
+            raise JobFailed(f"{where} holds images without class folders, and nothing labels them: put the devkit "
+                            f"({imagenet.DEVKIT}.tar.gz) in {src}, or give --val-labels: {imagenet.LABEL_FORMS}")
+        splits["val"], words = _labelled(flat, labels, index)
+        names = {**words, **names}
     elif val_fraction:
         splits["train"], splits["val"] = _hold_out(splits["train"], val_fraction, seed)
-    return Tree(classes, splits, hidden)
+    return Tree(classes, splits, sorted(hidden), [names.get(c, "") for c in classes], form)
 
 
-def _visible(folder, hidden):
-    """The entries of `folder` whose names do not start with "."; the others are added to `hidden`."""
-    entries = sorted(folder.iterdir())
-    hidden += [str(p) for p in entries if p.name.startswith(".")]
-    return [p for p in entries if not p.name.startswith(".")]
+def _exists(path):
+    return path if path.exists() else None
 
 
-def _class_folders(src, split, index, hidden):
-    items = []
-    for folder in (p for p in _visible(src / split, hidden) if p.is_dir()):
-        if folder.name not in index:
-            raise JobFailed(f"{folder} names a class that train/ does not have")
-        items += [(f"{split}/{folder.name}/{f.name}", index[folder.name])
-                  for f in _visible(folder, hidden) if not f.is_dir()]
-    return items
+def _folders(src, base, split, hidden) -> dict:
+    """{class: [(name, where)]} of src/base/split/<class>/<file>, with "" for the files of split/ itself;
+    name = split/<class>/<file>, sorted. One scandir per folder, no stat per file."""
+    folder = Path(src) / base / split
+    classes, files = _listing(folder, hidden)
+    found = {"": [(f"{split}/{file}", f"{base}/{split}/{file}".lstrip("/")) for file in files]} if files else {}
+    for c in classes:
+        found[c] = []
+        for file in _listing(folder / c, hidden)[1]:
+            name = f"{split}/{c}/{file}"
+            found[c].append((name, f"{base}/{name}" if base else name))
+    return found
 
 
-def _flat_folder(folder, labels_file, index, hidden):
-    labels = {}
-    for n, line in enumerate(labels_file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        name, _, cls = line.strip().rpartition(" ")
-        if cls not in index:
-            raise JobFailed(f"{labels_file}:{n}: class {cls!r} is not a folder of train/")
-        labels[name.strip()] = index[cls]
-    names = {f.name for f in _visible(folder, hidden) if not f.is_dir()} if folder.is_dir() else set()
-    return [(f"val/{name}", labels.get(name, -1)) for name in sorted(names | labels.keys())]
+def _listing(folder, hidden):
+    """-> (sorted names of the folders in `folder`, sorted names of its other entries); entries whose
+    names start with "." are added to `hidden` instead."""
+    folders, files = [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                hidden.append(entry.path)
+            else:
+                (folders if entry.is_dir() else files).append(entry.name)
+    return sorted(folders), sorted(files)
+
+
+def _labelled(flat, labels_path, index):
+    """-> (val items, {wnid: words}) of a flat list [(name, where)], by the labels in `labels_path` (any
+    of pipeline.imagenet's forms); a file they label that val lacks is an item without a where."""
+    files = [name.rsplit("/", 1)[-1] for name, _ in flat]
+    labels, words = imagenet.read_labels(labels_path, files)
+    unknown = next((file for file, wnid in labels.items() if wnid not in index), None)
+    if unknown is not None:
+        raise JobFailed(f"{labels_path}: class {labels[unknown]!r} (of {unknown}) is not a class of train; "
+                        f"give the labels of these images")
+    items = [(name, index[labels[file]] if file in labels else -1, at) for file, (name, at) in zip(files, flat)]
+    missing = sorted(labels.keys() - set(files))
+    return sorted(items + [(f"val/{file}", index[labels[file]], None) for file in missing]), words
 
 
 def _hold_out(items, fraction, seed):
@@ -174,11 +218,11 @@ def _write_samples(spec, src, settings, tmp_tar, tmp_idx) -> dict:
     """Write the shard's samples to tmp_tar and tmp_idx; -> its record (without writing it)."""
     moments, rejects = Moments(), []
     writer = ShardWriter(tmp_tar, tmp_idx)
-    for key, rel, cls in spec["items"]:
-        path = src / rel
+    for key, name, cls, where in spec["items"]:
         try:
-            jpeg, decoded = _sample(path, cls, settings)
+            jpeg, decoded = _sample(src, where, cls, settings)
         except Rejected as e:
+            path = src / where if isinstance(where, str) else f"{src / where[0]}:{name}" if where else name
             rejects.append({"path": str(path), "reason": str(e)})
             continue
         if spec["split"] == "train":
@@ -194,11 +238,18 @@ def _write_samples(spec, src, settings, tmp_tar, tmp_idx) -> dict:
     return record
 
 
-def _sample(path, cls, settings):
+def _sample(src, where, cls, settings):
     """-> (JPEG bytes, the JPEG decoded back) or Rejected."""
     if cls < 0:
-        raise Rejected("unlabelled", "not listed in --val-labels")
-    return to_sample(read_bytes(path), settings.size, settings.quality, settings.max_pixels)
+        raise Rejected("unlabelled", "the val labels do not name it")
+    if where is None:
+        raise Rejected("missing", "the val labels name it, and val has no such image")
+    return to_sample(read_input(src, where), settings.size, settings.quality, settings.max_pixels)
+
+
+def read_input(src, where) -> bytes:
+    """An input's bytes, by its `where` (Tree): a file in src, or a byte range of an archive in it."""
+    return read_bytes(src / where) if isinstance(where, str) else read_bytes(src / where[0], *where[1:])
 
 
 def _finished(record_path, tar_path, idx_path, fingerprint):
@@ -230,11 +281,12 @@ def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01
     fills up, or LockHeld if another run is writing `out`.
     """
     out = Path(out)
-    tree = scan(src, val_labels, val_fraction, settings.seed)
-    if tree.hidden:
-        log.info("skipped %d hidden entries (names starting with '.'), e.g. %s", len(tree.hidden), tree.hidden[0])
-    specs = [spec for split in SPLITS for spec in plan(split, tree.splits[split], settings)]
     with nullcontext(lock) if lock else FolderLock(out) as lock:
+        (out / MANIFEST).unlink(missing_ok=True)  # the manifest is only ever there for a finished run
+        tree = scan(src, val_labels, val_fraction, settings.seed, out, processes)
+        if tree.hidden:
+            log.info("skipped %d hidden entries (names starting with '.'), e.g. %s", len(tree.hidden), tree.hidden[0])
+        specs = [spec for split in SPLITS for spec in plan(split, tree.splits[split], settings)]
         records = _write_shards(specs, src, out, settings, progress, processes)
         try:
             return _finish(out, src, tree, records, settings, val_labels, val_fraction, max_reject_fraction, lock)
@@ -244,13 +296,13 @@ def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01
 
 def _write_shards(specs, src, out, settings, progress, processes) -> list[dict]:
     (out / PARTS).mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # the manifest is only ever there for a finished run
     _remove_stale(out, {spec["name"] for spec in specs})
     records, processed = {}, 0
     if progress:
         progress(0, len(specs), 0)
     try:
-        for name, record in (_on_processes if processes else _on_ray)(specs, src, out, settings, processes):
+        calls = {spec["name"]: (spec, str(src), str(out), settings) for spec in specs}
+        for name, record in parallel(write_shard, calls, processes):
             records[name] = record
             processed += 0 if record["resumed"] else record["inputs"]
             if progress:
@@ -262,43 +314,6 @@ def _write_shards(specs, src, out, settings, progress, processes) -> list[dict]:
     if resumed:
         log.info("%d of %d shards were already complete and verified: kept", resumed, len(records))
     return records
-
-
-def _on_ray(specs, src, out, settings, _):
-    """Yield (shard name, record) as the Ray tasks finish; raise the OSError that stops one, the others
-    cancelled (their references stay alive with the traceback: Ray says nothing of their errors)."""
-    import ray
-
-    task = ray.remote(num_cpus=1)(write_shard)
-    pending = {task.remote(spec, str(src), str(out), settings): spec["name"] for spec in specs}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            name = pending.pop(ref)  # finished: cancelling it too crashes Ray 2.60's driver (a failed check)
-            try:
-                yield name, ray.get(ref)
-            except ray.exceptions.RayTaskError as e:
-                cause = getattr(e, "cause", None)
-                if not isinstance(cause, OSError):
-                    raise
-                for other in pending:
-                    ray.cancel(other)
-                raise cause from None
-
-
-def _on_processes(specs, src, out, settings, processes):
-    """The same, from a pool of `processes` processes of this machine."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = {pool.submit(write_shard, spec, str(src), str(out), settings): spec["name"] for spec in specs}
-        try:
-            for future in as_completed(pending):
-                yield pending[future], future.result()
-        finally:  # a failed write stops the rest
-            for future in pending:
-                future.cancel()
 
 
 # A 256 x 256 JPEG at quality 90 of a photo: ~25 KB, 0.38 bytes a pixel (ImageNet-shaped test data)
@@ -371,6 +386,8 @@ def _finish(out, src, tree, records, settings, val_labels, val_fraction, max_rej
     manifest = {
         "tool": f"alexnet-pipeline {__version__}",
         "classes": tree.classes,
+        "class_names": tree.names,
+        "source": tree.form,
         "settings": {**asdict(settings), "src": str(src), "val_fraction": val_fraction,
                      "val_labels": None if val_labels is None else str(val_labels)},
         "splits": {split: _split_entry([r for r in records if r["split"] == split]) for split in SPLITS},

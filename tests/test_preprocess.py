@@ -174,7 +174,7 @@ def test_flat_val_folder_with_a_labels_file(tmp_path, ray_head):
     labels.write_text("ILSVRC_1.JPEG n02\nILSVRC_2.JPEG n01\nILSVRC_3.JPEG n02\nmissing.JPEG n01\n")
     out = tmp_path / "out"
     result = preprocess(src, out, "--val-labels", labels, "--max-reject-fraction", 0.5, address=ray_head)
-    assert "written 9 of 11 inputs; rejected 2 (unlabelled 1, unreadable 1)" in result.stderr
+    assert "written 9 of 11 inputs; rejected 2 (missing 1, unlabelled 1)" in result.stderr
     manifest = verify(out)
     (shard,) = manifest["splits"]["val"]["shards"]
     got = {key.split("_", 1)[1]: int(f["cls"]) for key, f in iter_samples(out / shard["name"])}
@@ -182,7 +182,7 @@ def test_flat_val_folder_with_a_labels_file(tmp_path, ray_head):
 
     labels.write_text("ILSVRC_1.JPEG n09\n")
     failed = preprocess(src, out, "--val-labels", labels, address=ray_head, check=False)
-    assert failed.returncode == 1 and "class 'n09' is not a folder of train/" in failed.stderr
+    assert failed.returncode == 1 and "class 'n09' (of ILSVRC_1.JPEG) is not a class of train" in failed.stderr
 
 
 def many_small_images(root, classes=3, per_class=10, seed=0, side=500):

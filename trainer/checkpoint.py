@@ -12,7 +12,7 @@ CheckpointError with the bytes needed and free.
 
 What a checkpoint holds (written by trainer/loop.py): model, optimizer, scheduler, epoch, step,
 epoch_step, world_size, per rank its loader state, RNG states and running loss sum, and what
-trainer.evaluate and trainer.predict need: classes, normalisation, preprocessing.
+trainer.evaluate and trainer.predict need: classes, class_names, normalisation, preprocessing.
 """
 import logging
 import os

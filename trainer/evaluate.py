@@ -75,7 +75,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from pipeline import build_loader
-    from pipeline.manifest import ShardDirError, read_manifest
+    from pipeline.manifest import ShardDirError, class_labels, read_manifest
 
     device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     try:
@@ -93,7 +93,7 @@ def main(argv=None):
         log.error("%s", e)
         return 2
     result = errors(model, loader, ten_crop=args.ten_crop)
-    classes = state["classes"]
+    classes = class_labels(state["classes"], state.get("class_names"))
     crop = "ten-crop" if args.ten_crop else "centre crop"
     print(f"{args.checkpoint} (epoch {state['epoch']}, step {state['step']}) on {args.shards}, "
           f"{result['total']} val images, {crop}")

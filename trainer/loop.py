@@ -51,7 +51,8 @@ class Trainer:
         manifest = read_manifest(config.shards)  # ShardDirError before any work
         self.classes, pca = len(manifest["classes"]), read_pca(config.shards)
         # what trainer.evaluate and trainer.predict need, kept in every checkpoint
-        self.about = {"classes": manifest["classes"], "normalisation": normalisation_of(pca, config.inputs),
+        self.about = {"classes": manifest["classes"], "class_names": manifest.get("class_names"),
+                      "normalisation": normalisation_of(pca, config.inputs),
                       "preprocessing": {k: manifest["settings"][k] for k in ("size", "quality", "max_pixels")}}
         if config.verify_shards:
             self.on_master(lambda: self.verify_shards(manifest))

@@ -1,6 +1,7 @@
 """The top-5 classes of image files, by a trained checkpoint.
 
     python -m trainer.predict --checkpoint runs/a/checkpoint.pt cat.jpg dog.png ...
+    cat.jpg: n02123045 tabby, tabby cat 0.831, n02123159 tiger cat 0.092, ...
 
 Each image is prepared exactly as the shards were (the same decode by content, EXIF orientation,
 central square resized to the shards' size, JPEG at their quality and decoded back), its central
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.loader import CROP
+from pipeline.manifest import class_labels
 from trainer.checkpoint import CheckpointError
 from trainer.evaluate import load_checkpoint
 
@@ -49,7 +51,7 @@ def main(argv=None):
     except (OSError, ValueError, CheckpointError) as e:
         print(f"predict: {e}", file=sys.stderr)
         return 2
-    classes, failed = state["classes"], 0
+    classes, failed = class_labels(state["classes"], state.get("class_names")), 0
     for start in range(0, len(args.images), args.batch_size):
         paths, inputs = [], []
         for path in args.images[start:start + args.batch_size]:

@@ -1,0 +1,47 @@
+"""The preprocessing job's work, spread: as Ray tasks of one CPU each on the cluster this process is
+connected to, or on a pool of processes of this machine (trainer.gpu_check makes its shards so)."""
+
+
+class JobFailed(Exception):
+    """The job ran but its result must not be used; the message says why and what to do."""
+
+
+def parallel(fn, calls: dict, processes=None):
+    """Yield (key, fn(*args)) for every key, args of `calls`, as they finish: on Ray, or with `processes`
+    on that many processes. An OSError or JobFailed in one cancels the others and is raised as it is."""
+    return (_on_processes if processes else _on_ray)(fn, calls, processes)
+
+
+def _on_ray(fn, calls, _):
+    import ray
+
+    task = ray.remote(num_cpus=1)(fn)
+    pending = {task.remote(*args): key for key, args in calls.items()}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            key = pending.pop(ref)  # finished: cancelling it too crashes Ray 2.60's driver (a failed check)
+            try:
+                yield key, ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                if not isinstance(cause, (OSError, JobFailed)):
+                    raise
+                # the others' references stay alive, with their tracebacks: Ray says nothing of their errors
+                for other in pending:
+                    ray.cancel(other)
+                raise cause from None
+
+
+def _on_processes(fn, calls, processes):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(fn, *args): key for key, args in calls.items()}
+        try:
+            for future in as_completed(pending):
+                yield pending[future], future.result()
+        finally:  # a failure stops the rest
+            for future in pending:
+                future.cancel()
