@@ -117,6 +117,8 @@ def fitted(tmp_path_factory, ray_head):
 
     root = tmp_path_factory.mktemp("fitted")
     tree = make_tree(root / "tree", classes=tuple(f"n{i:02d}" for i in range(10)), train=2, val=2, tinted=True)
+    # names for all but the last class, as Kaggle's LOC_synset_mapping.txt gives them
+    (tree / "LOC_synset_mapping.txt").write_text("".join(f"n{i:02d} hue {36 * i} degrees\n" for i in range(9)))
     preprocess(tree, root / "shards", "--shard-size", 5, address=ray_head)
     mp.spawn(fit, args=(root / "shards", root / "run", 30), nprocs=1)  # a process of its own, and its threads
     return tree, root / "shards", root / "run"

@@ -51,6 +51,10 @@ def metrics(out, kind):
         return [m for m in map(json.loads, f) if m["kind"] == kind]
 
 
+# how predict and evaluate name the fitted net's classes: conftest's names, and none for the last class
+LABELS = [f"n{i:02d} hue {36 * i} degrees" for i in range(9)] + ["n09"]
+
+
 def test_overfits_a_tiny_set_and_predict_names_what_the_checkpoint_computes(fitted, tmp_path):
     tree, _, out = fitted
     losses = json.loads((out / "losses.json").read_text())
@@ -70,6 +74,7 @@ def test_overfits_a_tiny_set_and_predict_names_what_the_checkpoint_computes(fitt
     from trainer.model import AlexNet
 
     state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["class_names"] == [f"hue {36 * i} degrees" for i in range(9)] + [""]
     model = AlexNet(10, init="torch").eval()
     model.load_state_dict(state["model"])
     mean, std = (np.array(state["normalisation"][k], np.float32) for k in ("mean", "std"))
@@ -78,10 +83,10 @@ def test_overfits_a_tiny_set_and_predict_names_what_the_checkpoint_computes(fitt
         x = (rgb[14:241, 14:241].astype(np.float32) / 255 - mean) / std  # (256 - 227) // 2 = 14
         with torch.no_grad():
             p = model(torch.from_numpy(x.transpose(2, 0, 1)[None].copy()))[0].softmax(0).numpy()
-        said = [(name, float(v)) for name, v in (entry.split() for entry in lines[str(image)].split(", "))]
-        assert said[0][0] == state["classes"][p.argmax()]
+        said = [(label, float(v)) for label, v in (entry.rsplit(" ", 1) for entry in lines[str(image)].split(", "))]
+        assert said[0][0] == LABELS[p.argmax()]
         assert [v for _, v in said] == pytest.approx(sorted(p.tolist(), reverse=True)[:5], abs=2e-3)  # top 5, in order
-        assert all(v == pytest.approx(p[state["classes"].index(name)], abs=2e-3) for name, v in said), lines[str(image)]
+        assert all(v == pytest.approx(p[LABELS.index(label)], abs=2e-3) for label, v in said), lines[str(image)]
 
 
 def losses_by_step(out):
@@ -188,6 +193,9 @@ def test_the_trainers_val_errors_and_evaluates_are_numpys(fitted):
         assert logged[crop] == pytest.approx([wrong1 / total, wrong5 / total], abs=1e-12), crop
         printed = evaluate(out / "checkpoint.pt", shards, *args)
         assert f"top-1 error {said(wrong1, total)}, top-5 error {said(wrong5, total)}" in printed, crop
+        confused = printed.split("(true -> predicted):\n")[1].splitlines()
+        assert confused and all(set(re.fullmatch(r" +\d+  (.+) -> (.+)", line).groups()) <= set(LABELS)
+                                for line in confused), printed  # by name where the class has one
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path):
