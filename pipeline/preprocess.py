@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections import Counter
 from contextlib import nullcontext
@@ -87,7 +88,7 @@ def scan(src, val_labels=None, val_fraction=0.0, seed=0, out=None, processes=Non
     if val_fraction and (val is not None or val_labels):
         raise JobFailed(f"--val-fraction holds out part of train for a source without val, and {src} has one: "
                         f"drop --val-fraction, or the val images")
-    foldered, flat = {c: v for c, v in (val or {}).items() if c}, (val or {}).get("", [])
+    foldered, flat = {c: v for c, v in (val or {}).items() if c and v}, (val or {}).get("", [])
     if foldered and flat:
         raise JobFailed(f"{where} holds both class folders and loose files: keep one form (README)")
     if foldered:  # val/<class>/<file>
@@ -166,20 +167,27 @@ def _hold_out(items, fraction, seed):
     return [item for item in items if item not in chosen], sorted(val)
 
 
+UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
 def sample_key(position: int, rel_path: str) -> str:
-    """A tar-safe key: no '/', no '..', no '.' (WebDataset splits the extension at the first dot)."""
-    stem = re.sub(r"[^A-Za-z0-9_-]", "_", Path(rel_path).stem)[:64]
-    return f"{position:08d}_{stem}"
+    """A tar-safe key: no '/', no '..', no '.' (WebDataset splits the extension at the first dot).
+    String operations, not pathlib: plan() makes 1.33 M of them for ImageNet."""
+    file = rel_path[rel_path.rfind("/") + 1:]
+    dot = file.rfind(".")
+    stem = file[:dot] if 0 < dot < len(file) - 1 else file  # Path.stem's rule
+    return f"{position:08d}_{UNSAFE.sub('_', stem)[:64]}"
 
 
 def plan(split, items, settings: Settings) -> list[dict]:
-    """Shard specs for one split: a seeded permutation of all its items, cut into shards."""
-    order = np.random.default_rng(settings.seed).permutation(len(items))
+    """Shard specs for one split: a seeded permutation of all its items, cut into shards. A spec's items
+    are (position in the split, name, class, where); its task makes their keys (sample_key)."""
+    order = np.random.default_rng(settings.seed).permutation(len(items)).tolist()
     specs = []
     for n, start in enumerate(range(0, len(items), settings.shard_size)):
-        chosen = [(sample_key(int(i), items[i][0]), *items[i]) for i in order[start:start + settings.shard_size]]
+        chosen = [(i, *items[i]) for i in order[start:start + settings.shard_size]]
         spec = {"name": f"{split}-{n:06d}", "split": split, "items": chosen}
-        blob = json.dumps({"items": chosen, "settings": asdict(settings), "tool": __version__})
+        blob = json.dumps({"items": chosen, "settings": asdict(settings), "tool": __version__}, check_circular=False)
         spec["fingerprint"] = hashlib.sha256(blob.encode()).hexdigest()
         specs.append(spec)
     return specs
@@ -218,7 +226,7 @@ def _write_samples(spec, src, settings, tmp_tar, tmp_idx) -> dict:
     """Write the shard's samples to tmp_tar and tmp_idx; -> its record (without writing it)."""
     moments, rejects = Moments(), []
     writer = ShardWriter(tmp_tar, tmp_idx)
-    for key, name, cls, where in spec["items"]:
+    for position, name, cls, where in spec["items"]:
         try:
             jpeg, decoded = _sample(src, where, cls, settings)
         except Rejected as e:
@@ -227,15 +235,21 @@ def _write_samples(spec, src, settings, tmp_tar, tmp_idx) -> dict:
             continue
         if spec["split"] == "train":
             moments.add_image(decoded)
-        writer.write(key, {"cls": str(cls).encode(), "jpg": jpeg})
+        writer.write(sample_key(position, name), {"cls": str(cls).encode(), "jpg": jpeg})
     writer.close()
-    record = {"name": spec["name"], "split": spec["split"], "fingerprint": spec["fingerprint"],
+    record = {"name": spec["name"], "split": spec["split"], "fingerprint": spec["fingerprint"], "node": _node(),
               "inputs": len(spec["items"]), "samples": len(writer), "rejects": rejects,
               "moments": asdict(moments)}
     if len(writer):
         record.update(bytes=tmp_tar.stat().st_size, sha256=sha256_file(tmp_tar),
                       index_sha256=sha256_file(tmp_idx))
     return record
+
+
+def _node():
+    """The Ray node this task runs on, None outside Ray: each shard's record says where it was written."""
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else None
 
 
 def _sample(src, where, cls, settings):

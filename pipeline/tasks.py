@@ -15,7 +15,7 @@ def parallel(fn, calls: dict, processes=None):
 def _on_ray(fn, calls, _):
     import ray
 
-    task = ray.remote(num_cpus=1)(fn)
+    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(fn)  # every node reads and writes
     pending = {task.remote(*args): key for key, args in calls.items()}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -170,6 +171,24 @@ def numpy_errors(checkpoint, shards) -> dict:
     softmax /= softmax.sum(2, keepdims=True)
     return {"centre": wrong(logits[:, 4]), "ten": wrong(softmax.mean(1)), "total": len(labels),
             "predicted": logits[:, 4].argmax(1)}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_node_cluster():
+    """A Ray cluster of two nodes of one CPU each on 127.0.0.1 (ray.cluster_utils); shutdown() it."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "node_ip_address": "127.0.0.1", "gcs_server_port": free_port(),
+        "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
+    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    return cluster
 
 
 def wait_for(condition, timeout=120, interval=0.05):

@@ -3,7 +3,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 
 import pytest
@@ -11,18 +10,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import BIN, REPO, numpy_errors, wait_for
+from conftest import BIN, REPO, free_port, numpy_errors, two_node_cluster, wait_for
 from test_trainer import STABLE, kill_group, losses_by_step, metrics, start, train
 from trainer.config import Config
 from trainer.loop import Trainer
 
 pytestmark = pytest.mark.slow
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def exact_config(shards, out):
@@ -226,14 +219,8 @@ def test_past_max_failures_it_names_the_worker_and_resumes_with_another_count(sh
 
 
 def test_two_ray_nodes_one_worker_each(shards, tmp_path):
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "node_ip_address": "127.0.0.1", "gcs_server_port": free_port(),
-        "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
+    cluster = two_node_cluster()
     try:
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-        cluster.wait_for_nodes()
         out = tmp_path / "run"
         result = train(shards, out, "--epochs", 1, "--batch-size", 4, "--steps-per-epoch", 2, "--no-ten-crop",
                        "--workers", 2, "--address", cluster.address)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BIN, REPO, make_tree, picture, preprocess, wait_for
+from conftest import BIN, REPO, make_tree, picture, preprocess, two_node_cluster, wait_for
 from pipeline.manifest import ShardDirError
 from pipeline.shards import iter_samples, sha256_file
 from pipeline.verify import verify
@@ -45,6 +45,19 @@ def test_ray_job_submit_on_a_real_head(tree, tmp_path, ray_head):
     assert [s["samples"] for s in manifest["splits"]["train"]["shards"]] == [4] * 6
     labels = {int(f["cls"]) for s in manifest["splits"]["train"]["shards"] for _, f in iter_samples(out / s["name"])}
     assert labels == {0, 1, 2}
+
+
+def test_two_ray_nodes_write_the_shards_one_node_writes(shards, tree, tmp_path):
+    cluster = two_node_cluster()
+    try:
+        out = tmp_path / "two-nodes"
+        preprocess(tree, out, "--shard-size", 5, address=cluster.address)
+    finally:
+        cluster.shutdown()
+    nodes = {json.loads(p.read_text())["node"] for p in (out / ".parts").glob("*.json")}
+    assert len(nodes) == 2 and None not in nodes  # tasks ran on both
+    ours, one_node = ({k: v for k, v in outputs(folder).items() if not k.startswith(".")} for folder in (out, shards))
+    assert ours == one_node  # shards, indexes, pca.json, rejects, manifest: byte for byte
 
 
 def test_every_shard_mixes_classes_and_labels_follow_folders(shards, tree):
@@ -355,7 +368,7 @@ def test_hidden_entries_are_skipped_and_val_is_held_out_per_class(tmp_path, ray_
 
     both = preprocess(make_tree(tmp_path / "with-val"), tmp_path / "x", "--val-fraction", 0.25, check=False,
                       address=ray_head)
-    assert both.returncode == 1 and "--val-fraction holds out part of train/ for a tree without val/" in both.stderr
+    assert both.returncode == 1 and "--val-fraction holds out part of train for a source without val" in both.stderr
 
     nowhere = preprocess(src, "/proc/shards", check=False, address=ray_head)  # not writable, even by root
     assert nowhere.returncode == 1 and "cannot write into --out /proc/shards: " in nowhere.stderr
