@@ -1,6 +1,6 @@
 """Benchmarks, each measured in one run on this machine and printed as one table.
 
-    python -m pipeline.bench --src TREE      # the preprocessing job on all cores vs one bare loop
+    python -m pipeline.bench --src TREE      # the preprocessing tasks on all cores vs one bare loop, on a sample
     python -m pipeline.bench --shards DIR    # the input pipeline beside its ceiling and a hand-written one
     python -m trainer.bench --shards DIR     # the same, and whether it can feed the model (needs the model)
 
@@ -27,40 +27,42 @@ def table(rows, title):
     return "\n".join(lines)
 
 
-def bench_preprocess(src, cores):
-    """images/s of jobs/preprocess on `cores` Ray workers beside one process running the bare
-    decode -> resize -> encode loop over the same files. Ray start-up is not timed."""
+def bench_preprocess(src, cores, sample=2000, seed=0):
+    """images/s of the preprocessing tasks on `cores` Ray workers beside one process running the bare
+    decode -> resize -> encode loop, both over the same seeded sample of at most `sample` of the inputs
+    (ImageNet's 1.33 M would take hours). Scanning `src` and Ray's start-up are not timed."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the bench's own Ray stays on 127.0.0.1
     import cv2
+    import numpy as np
     import ray
 
     from pipeline.images import Rejected, decode_square, encode_jpeg, resize_center_crop
-    from pipeline.preprocess import Settings, read_input, run, scan
+    from pipeline.preprocess import Settings, plan, read_input, scan, write_shards
 
     cv2.setNumThreads(1)
-    inputs = [where for items in scan(src).splits.values() for _, _, where in items if where]
-    start = time.perf_counter()
-    for where in inputs:
-        try:
-            encode_jpeg(resize_center_crop(decode_square(read_input(Path(src), where))))
-        except Rejected:
-            pass
-    single = len(inputs) / (time.perf_counter() - start)
-
     ray.init(address="local", num_cpus=cores, _node_ip_address="127.0.0.1", include_dashboard=False,
              log_to_driver=False)
     try:
+        inputs = [item for items in scan(src).splits.values() for item in items if item[1] >= 0 and item[2]]
+        chosen = [inputs[i] for i in sorted(np.random.default_rng(seed).permutation(len(inputs))[:sample])]
+        start = time.perf_counter()
+        for _, _, where in chosen:
+            try:
+                encode_jpeg(resize_center_crop(decode_square(read_input(Path(src), where))))
+            except Rejected:
+                pass
+        single = len(chosen) / (time.perf_counter() - start)
         # start every worker and import the task's modules before the clock starts
         warm = ray.remote(num_cpus=1)(_import_task_modules)
         ray.get([warm.remote() for _ in range(cores)])
-        shard_size = max(1, math.ceil(len(inputs) / (8 * cores)))  # >= 8 tasks a core: no idle tail
+        settings = Settings(shard_size=max(1, math.ceil(len(chosen) / (8 * cores))))  # >= 8 tasks a core: no idle tail
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            run(src, out, Settings(shard_size=shard_size), max_reject_fraction=1.0)
-            job = len(inputs) / (time.perf_counter() - start)
+            write_shards(plan("train", chosen, settings), src, Path(out), settings)
+            job = len(chosen) / (time.perf_counter() - start)
     finally:
         ray.shutdown()
-    return {"images": len(inputs), "cores": cores, "single_loop": single, "ray_job": job,
+    return {"images": len(chosen), "inputs": len(inputs), "cores": cores, "single_loop": single, "ray_job": job,
             "ratio_to_cores_x_single": job / (cores * single)}
 
 
@@ -190,6 +192,7 @@ def main(argv=None):
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--src", help="an image tree: benchmark the preprocessing job")
     source.add_argument("--shards", help="a shard folder: benchmark the input pipeline")
+    p.add_argument("--sample", type=int, default=2000, help="--src: at most this many inputs, a seeded sample")
     add_loader_arguments(p)
     args = p.parse_args(argv)
     if args.shards:
@@ -251,9 +254,10 @@ def loader_rows(f) -> list:
 
 
 def bench_preprocess_report(args):
-    figures = bench_preprocess(args.src, args.cores)
+    figures = bench_preprocess(args.src, args.cores, args.sample)
     print(table([
-        ("images", f"{figures['images']:,}"),
+        ("images", f"{figures['images']:,}" + (f" (a seeded sample of the {figures['inputs']:,} inputs)"
+                                               if figures["images"] < figures["inputs"] else "")),
         ("single-process loop (decode, resize, encode)", f"{figures['single_loop']:,.0f} img/s"),
         (f"Ray job on {figures['cores']} cores", f"{figures['ray_job']:,.0f} img/s"),
         ("job / (cores x loop)", f"{figures['ratio_to_cores_x_single']:.2f}  (target >= 0.8)"),

@@ -301,14 +301,15 @@ def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01
         if tree.hidden:
             log.info("skipped %d hidden entries (names starting with '.'), e.g. %s", len(tree.hidden), tree.hidden[0])
         specs = [spec for split in SPLITS for spec in plan(split, tree.splits[split], settings)]
-        records = _write_shards(specs, src, out, settings, progress, processes)
+        records = write_shards(specs, src, out, settings, progress, processes)
         try:
             return _finish(out, src, tree, records, settings, val_labels, val_fraction, max_reject_fraction, lock)
         except OSError as e:  # the driver's own writes: rejects, pca.json, the manifest
             raise JobFailed(_write_failed(out, e, specs, {r["name"]: r for r in records}, settings.size)) from None
 
 
-def _write_shards(specs, src, out, settings, progress, processes) -> list[dict]:
+def write_shards(specs, src, out, settings, progress=None, processes=None) -> list[dict]:
+    """Every spec's shard, on Ray or `processes`; -> their records, in the specs' order."""
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     _remove_stale(out, {spec["name"] for spec in specs})
     records, processed = {}, 0

@@ -46,8 +46,9 @@ def test_miniature_demo(tmp_path, ray_head):
         f"the pipeline cannot feed the model: {feed:,.1f} x"
     assert f"verdict: {verdict}" in log
 
-    run(sys.executable, "-m", "pipeline.bench", "--src", tree, "--json", tmp_path / "job.json")
+    printed = run(sys.executable, "-m", "pipeline.bench", "--src", tree, "--sample", 40, "--json", tmp_path / "job.json")
     figures = json.loads((tmp_path / "job.json").read_text())
-    assert figures["images"] == 60 and figures["cores"] >= 1
+    assert figures["images"] == 40 and figures["inputs"] == 60 and figures["cores"] >= 1
+    assert re.search(r"images +40 \(a seeded sample of the 60 inputs\)", printed), printed
     assert figures["ratio_to_cores_x_single"] == pytest.approx(
         figures["ray_job"] / (figures["cores"] * figures["single_loop"]))
