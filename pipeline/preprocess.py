@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import sys
+import time
 import uuid
 from collections import Counter
 from contextlib import nullcontext
@@ -113,17 +115,27 @@ def _exists(path):
 
 
 def _folders(src, base, split, hidden) -> dict:
-    """{class: [(name, where)]} of src/base/split/<class>/<file>, with "" for the files of split/ itself;
-    name = split/<class>/<file>, sorted. One scandir per folder, no stat per file."""
+    """{class: [(name, where)]} of src/base/split/<class>/<entry>, with "" for the files of split/
+    itself; name = split/<class>/<entry>, sorted. No stat per file: a scandir of split/, a listdir of
+    each class folder (where a folder, as an input, is rejected as unreadable: nothing is skipped quietly)."""
     folder = Path(src) / base / split
     classes, files = _listing(folder, hidden)
     found = {"": [(f"{split}/{file}", f"{base}/{split}/{file}".lstrip("/")) for file in files]} if files else {}
     for c in classes:
-        found[c] = []
-        for file in _listing(folder / c, hidden)[1]:
-            name = f"{split}/{c}/{file}"
-            found[c].append((name, f"{base}/{name}" if base else name))
+        prefix = f"{split}/{c}/"
+        names = [prefix + entry for entry in _entries(folder / c, hidden)]
+        found[c] = [(name, f"{base}/{name}") for name in names] if base else [(name, name) for name in names]
     return found
+
+
+def _entries(folder, hidden):
+    """The sorted names in `folder`, those that start with "." added to `hidden` instead."""
+    names = os.listdir(folder)
+    visible = [name for name in names if name[0] != "."]
+    if len(visible) < len(names):
+        hidden += [os.path.join(folder, name) for name in names if name[0] == "."]
+    visible.sort()
+    return visible
 
 
 def _listing(folder, hidden):
@@ -180,14 +192,22 @@ def sample_key(position: int, rel_path: str) -> str:
 
 
 def plan(split, items, settings: Settings) -> list[dict]:
-    """Shard specs for one split: a seeded permutation of all its items, cut into shards. A spec's items
-    are (position in the split, name, class, where); its task makes their keys (sample_key)."""
+    """Shard specs for one split: a seeded permutation of all its items, cut into shards. A spec holds
+    its items and their positions in the split; its task makes their keys (sample_key). Its
+    fingerprint is of what the shard's bytes follow from: the split's names, classes and missing
+    images, its positions, the settings and the tool; not where the images are read from (every form
+    of the same images gives the same shard, so a rerun from another form keeps them)."""
     order = np.random.default_rng(settings.seed).permutation(len(items)).tolist()
+    names = hashlib.sha256("\n".join(name for name, _, _ in items).encode())
+    names.update(np.array([cls for _, cls, _ in items], np.int64).tobytes())
+    names.update("\n".join(name for name, _, where in items if where is None).encode())
+    common = {"split": names.hexdigest(), "settings": asdict(settings), "tool": __version__}
     specs = []
     for n, start in enumerate(range(0, len(items), settings.shard_size)):
-        chosen = [(i, *items[i]) for i in order[start:start + settings.shard_size]]
-        spec = {"name": f"{split}-{n:06d}", "split": split, "items": chosen}
-        blob = json.dumps({"items": chosen, "settings": asdict(settings), "tool": __version__}, check_circular=False)
+        positions = order[start:start + settings.shard_size]
+        spec = {"name": f"{split}-{n:06d}", "split": split, "items": [items[i] for i in positions],
+                "positions": positions}
+        blob = json.dumps({**common, "positions": positions})
         spec["fingerprint"] = hashlib.sha256(blob.encode()).hexdigest()
         specs.append(spec)
     return specs
@@ -226,7 +246,7 @@ def _write_samples(spec, src, settings, tmp_tar, tmp_idx) -> dict:
     """Write the shard's samples to tmp_tar and tmp_idx; -> its record (without writing it)."""
     moments, rejects = Moments(), []
     writer = ShardWriter(tmp_tar, tmp_idx)
-    for position, name, cls, where in spec["items"]:
+    for position, (name, cls, where) in zip(spec["positions"], spec["items"]):
         try:
             jpeg, decoded = _sample(src, where, cls, settings)
         except Rejected as e:
@@ -285,27 +305,51 @@ def _finished(record_path, tar_path, idx_path, fingerprint):
 
 
 def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01, val_fraction=0.0,
-        progress=None, lock=None, processes=None):
+        progress=None, lock=None, processes=None, stages=None):
     """Preprocess `src` into `out` on the Ray cluster this process is connected to, or with
     `processes`, on that many processes of this machine without Ray (trainer.gpu_check does).
 
     progress(shards_done, shards_total, images_processed) is called as shards finish. lock: the
-    FolderLock on `out` the caller holds already; without one, run() takes it.
+    FolderLock on `out` the caller holds already; without one, run() takes it. stages: a dict that
+    gets {stage: {"seconds", "peak_rss_mb"}} for STAGES (the driver's peak RSS at the stage's end).
     Returns the manifest; raises JobFailed if rejects exceed `max_reject_fraction`, if the disk
     fills up, or LockHeld if another run is writing `out`.
     """
-    out = Path(out)
+    out, clock = Path(out), Clock()
     with nullcontext(lock) if lock else FolderLock(out) as lock:
         (out / MANIFEST).unlink(missing_ok=True)  # the manifest is only ever there for a finished run
         tree = scan(src, val_labels, val_fraction, settings.seed, out, processes)
         if tree.hidden:
             log.info("skipped %d hidden entries (names starting with '.'), e.g. %s", len(tree.hidden), tree.hidden[0])
         specs = [spec for split in SPLITS for spec in plan(split, tree.splits[split], settings)]
+        clock.lap("scan and plan")
         records = write_shards(specs, src, out, settings, progress, processes)
+        clock.lap("tasks")
         try:
-            return _finish(out, src, tree, records, settings, val_labels, val_fraction, max_reject_fraction, lock)
+            manifest = _finish(out, src, tree, records, settings, val_labels, val_fraction, max_reject_fraction, lock)
         except OSError as e:  # the driver's own writes: rejects, pca.json, the manifest
             raise JobFailed(_write_failed(out, e, specs, {r["name"]: r for r in records}, settings.size)) from None
+    clock.lap("manifest")
+    log.info("stages: %s", ", ".join(f"{stage} {lap['seconds']:.1f}s" for stage, lap in clock.laps.items()))
+    if stages is not None:
+        stages.update(clock.laps)
+    return manifest
+
+
+STAGES = ("scan and plan", "tasks", "manifest")  # run()'s, in order: the driver's serial work is the first and last
+
+
+class Clock:
+    """Wall seconds and this process's peak RSS at the end of each lap."""
+
+    def __init__(self):
+        self.laps, self.start = {}, time.perf_counter()
+
+    def lap(self, name):
+        now = time.perf_counter()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        self.laps[name] = {"seconds": now - self.start, "peak_rss_mb": peak}
+        self.start = now
 
 
 def write_shards(specs, src, out, settings, progress=None, processes=None) -> list[dict]:
