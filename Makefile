@@ -9,6 +9,9 @@ BIN := $(VENV)/bin
 # Without a GPU the CPU build of torch; with one, whatever `torch>=2.4` resolves to (a CUDA build).
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH := $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
+# DALI's build for the driver: cuda120 under a CUDA 12 driver, cuda130 under CUDA 13 or without a GPU
+CUDA_MAJOR := $(shell nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p')
+DALI ?= $(if $(filter 12,$(CUDA_MAJOR)),cuda120,cuda130)
 
 .PHONY: test demo gpu-check clean
 
@@ -16,7 +19,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,$(DALI)]"
 	touch $@
 
 test: $(BIN)/.installed

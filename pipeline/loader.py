@@ -103,8 +103,13 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
     if span < 0:
         raise ValueError(f"shards of {size} px are smaller than the {CROP} px crop")
 
-    from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    except ImportError as e:
+        raise ImportError(f"NVIDIA DALI does not import ({e}): pip install 'alexnet-pipeline[cuda130]' under a CUDA 13 "
+                          f"driver or without a GPU, 'alexnet-pipeline[cuda120]' under a CUDA 12 driver (`make` picks "
+                          f"by nvidia-smi)") from None
 
     gpu = device.type == "cuda"
     # grayscale data has a rank-1 covariance: its other eigenvalues are 0 up to rounding, maybe -1e-18

@@ -198,6 +198,20 @@ def test_the_trainers_val_errors_and_evaluates_are_numpys(fitted):
                                 for line in confused), printed  # by name where the class has one
 
 
+def test_without_dali_evaluate_says_what_to_install_in_one_line(fitted, tmp_path):
+    _, shards, out = fitted
+    planted = tmp_path / "nvidia" / "dali"  # found before the installed DALI: as if it were missing or broken
+    planted.mkdir(parents=True)
+    (planted.parent / "__init__.py").write_text("")
+    (planted / "__init__.py").write_text("raise ImportError('No module named nvidia.dali')\n")
+    cmd = [sys.executable, "-m", "trainer.evaluate", "--checkpoint", out / "checkpoint.pt", "--shards", shards]
+    result = subprocess.run([*map(str, cmd)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "NVIDIA DALI does not import (No module named nvidia.dali): pip install 'alexnet-pipeline[cuda130]'" in line
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
     result = train(shards, out, "--epochs", 3, "--batch-size", 4, "--lr", 1e12, "--log-every", 1,

@@ -89,7 +89,7 @@ def main(argv=None):
         loader = build_loader(args.shards, "val", args.batch_size, device=device, crops="ten" if args.ten_crop else
                               "center", normalisation=state["normalisation"], channels_last=gpu,
                               dtype=torch.bfloat16 if gpu else torch.float32)
-    except (OSError, ValueError, ShardDirError, CheckpointError) as e:
+    except (OSError, ValueError, ShardDirError, CheckpointError, ImportError) as e:
         log.error("%s", e)
         return 2
     result = errors(model, loader, ten_crop=args.ten_crop)
