@@ -81,12 +81,13 @@ def scan(src, val_labels=None, val_fraction=0.0, seed=0, out=None, processes=Non
         val = _folders(src, base, "val", hidden) if (src / base / "val").is_dir() else None
         labels = val_labels or (_exists(src / imagenet.KAGGLE_LABELS) if kaggle else imagenet.devkit_beside(src))
         where = f"{src / base / 'val'}"
+    loose = [(name, -1, at) for name, at in train.pop("", [])]  # files beside the class folders: no class
     classes = sorted(train)
     if not classes:
         raise JobFailed(f"{src} has no classes: expected train/<class>/<image files>")
     index = {c: i for i, c in enumerate(classes)}
     names = imagenet.read_names(src / imagenet.KAGGLE_NAMES) if (src / imagenet.KAGGLE_NAMES).is_file() else {}
-    splits = {"train": [(name, index[c], at) for c in classes for name, at in train[c]], "val": []}
+    splits = {"train": loose + [(name, index[c], at) for c in classes for name, at in train[c]], "val": []}
     if val_fraction and (val is not None or val_labels):
         raise JobFailed(f"--val-fraction holds out part of train for a source without val, and {src} has one: "
                         f"drop --val-fraction, or the val images")
@@ -275,7 +276,7 @@ def _node():
 def _sample(src, where, cls, settings):
     """-> (JPEG bytes, the JPEG decoded back) or Rejected."""
     if cls < 0:
-        raise Rejected("unlabelled", "the val labels do not name it")
+        raise Rejected("unlabelled", "in no class folder, and no val labels name it")
     if where is None:
         raise Rejected("missing", "the val labels name it, and val has no such image")
     return to_sample(read_input(src, where), settings.size, settings.quality, settings.max_pixels)

@@ -183,11 +183,14 @@ def test_flat_val_folder_with_a_labels_file(tmp_path, ray_head):
     rng = np.random.default_rng(5)
     for name in ("ILSVRC_1.JPEG", "ILSVRC_2.JPEG", "ILSVRC_3.JPEG", "stray.JPEG"):
         Image.fromarray(picture(rng, 300, 280, 0)).save(flat / name, "JPEG")
+    Image.fromarray(picture(rng, 300, 280, 0)).save(src / "train" / "beside-the-classes.JPEG", "JPEG")
     labels = tmp_path / "labels.txt"
     labels.write_text("ILSVRC_1.JPEG n02\nILSVRC_2.JPEG n01\nILSVRC_3.JPEG n02\nmissing.JPEG n01\n")
     out = tmp_path / "out"
     result = preprocess(src, out, "--val-labels", labels, "--max-reject-fraction", 0.5, address=ray_head)
-    assert "written 9 of 11 inputs; rejected 2 (missing 1, unlabelled 1)" in result.stderr
+    assert "written 9 of 12 inputs; rejected 3 (missing 1, unlabelled 2)" in result.stderr
+    assert {json.loads(line)["path"].rsplit("/", 1)[1] for line in (out / "rejects.jsonl").read_text().splitlines()} \
+        == {"beside-the-classes.JPEG", "stray.JPEG", "missing.JPEG"}
     manifest = verify(out)
     (shard,) = manifest["splits"]["val"]["shards"]
     got = {key.split("_", 1)[1]: int(f["cls"]) for key, f in iter_samples(out / shard["name"])}
