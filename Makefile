@@ -13,7 +13,15 @@ TORCH := $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
 CUDA_MAJOR := $(shell nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p')
 DALI ?= $(if $(filter 12,$(CUDA_MAJOR)),cuda120,cuda130)
 
-.PHONY: test demo gpu-check clean
+# make wheelhouse: the wheels of the project and of all it needs, for Python $(PY) on manylinux x86-64 with
+# DALI's $(DALI) build (DALI=cuda120 for CUDA 12 drivers), into $(WHEELHOUSE), for machines that reach no
+# package index: there, `pip install --no-index --find-links wheelhouse "alexnet-pipeline[test,cuda130]"`
+# installs what is missing and keeps a torch already there (any torch>=2.4, CUDA builds included).
+WHEELHOUSE ?= wheelhouse
+PY ?= 3.12
+PLATFORMS ?= manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_27_x86_64 manylinux_2_28_x86_64
+
+.PHONY: test demo gpu-check wheelhouse clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +39,11 @@ demo: $(BIN)/.installed
 gpu-check:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m trainer.gpu_check --out gpu-check
 
+wheelhouse:
+	$(PYTHON) -m pip wheel --no-deps --wheel-dir $(WHEELHOUSE) .
+	$(PYTHON) -m pip download --dest $(WHEELHOUSE) --only-binary=:all: --python-version $(PY) \
+		$(addprefix --platform ,$(PLATFORMS)) "$$(ls $(WHEELHOUSE)/alexnet_pipeline-*.whl | tail -1)[test,$(DALI)]"
+	@echo "then, without an index: pip install --no-index --find-links $(WHEELHOUSE) 'alexnet-pipeline[test,$(DALI)]'"
+
 clean:
-	rm -rf $(VENV) build *.egg-info data runs gpu-check
+	rm -rf $(VENV) build *.egg-info data runs gpu-check wheelhouse
