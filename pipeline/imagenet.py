@@ -114,9 +114,9 @@ def _cached(cache, stamp):
 
 
 def read_archives(src, out, processes, hidden):
-    """-> ({wnid: [(name, where)]} of train, [(name, where)] of val): every image of the archives in
-    `src`, where = (archive, offset, size), name = train/<wnid>/<file> or val/<file> as in the
-    extracted tree, each list sorted by name. Inner tars whose index OUT/.index/ lacks are indexed in
+    """-> ({wnid: [(name, class index, where)]} of train, [(name, -1, where)] of val): every image of the
+    archives in `src`, where = (archive, offset, size), name = train/<wnid>/<file> or val/<file> as in
+    the extracted tree, each list sorted by name, the class index the wnid's position among the sorted. Inner tars whose index OUT/.index/ lacks are indexed in
     parallel (Ray tasks, or `processes`)."""
     src = Path(src)
     index = Path(out) / INDEX if out else None
@@ -139,14 +139,14 @@ def read_archives(src, out, processes, hidden):
         else:
             found[archive, name] = members
     found.update(parallel(index_member, calls, processes))
-    train = {}
-    for name, _, _ in sorted(inner):
+    wnids = {}
+    for name, _, _ in inner:
         wnid = name.rsplit("/", 1)[-1].removesuffix(".tar")
-        if _hide(wnid, f"{src / TRAIN_TAR}:{name}", hidden):
-            continue
-        train[wnid] = _images(found[TRAIN_TAR, name], TRAIN_TAR, f"train/{wnid}", src, hidden)
-    val = _images(found.get((VAL_TAR, ""), []), VAL_TAR, "val", src, hidden)
-    return train, val
+        if not _hide(wnid, f"{src / TRAIN_TAR}:{name}", hidden):
+            wnids[wnid] = name
+    train = {wnid: _images(found[TRAIN_TAR, wnids[wnid]], TRAIN_TAR, f"train/{wnid}", src, hidden, label)
+             for label, wnid in enumerate(sorted(wnids))}
+    return train, _images(found.get((VAL_TAR, ""), []), VAL_TAR, "val", src, hidden, -1)
 
 
 def _stamp(path):
@@ -164,12 +164,12 @@ def _list(path, cache, stamp):
     return members
 
 
-def _images(members, archive, folder, src, hidden):
+def _images(members, archive, folder, src, hidden, label):
     images = []
     for name, start, size in sorted(members):
         file = name.rsplit("/", 1)[-1]
         if not _hide(file, f"{src / archive}:{name}", hidden):
-            images.append((f"{folder}/{file}", (archive, start, size)))
+            images.append((f"{folder}/{file}", label, (archive, start, size)))
     return images
 
 

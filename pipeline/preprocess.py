@@ -6,9 +6,11 @@ JPEG it wrote once more, renames the shard into place and then writes a record o
 `.parts/`; the record is what a rerun trusts (after checking the shard's sha256), so a run
 killed at any moment resumes and ends with the same bytes as an uninterrupted one.
 """
+import bisect
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -50,7 +52,7 @@ class Settings:
 @dataclass
 class Tree:
     classes: list  # sorted folder names (wnids) of train; a class's index is its position
-    # {split: [(name, class index or -1 if unlabelled, where)]}, sorted by name. name: the image's path in
+    # {split: [(name, class index or -1 if unlabelled, where)]}, sorted by name (train: by class, then file). name: the image's path in
     # the extracted tree (train/<class>/<file>, val/<file>), whatever the form, so that every form of the
     # same images gives the same shards; where: how to read it, a path in src, (archive, offset, size),
     # or None for an image that labels name but val lacks
@@ -81,13 +83,13 @@ def scan(src, val_labels=None, val_fraction=0.0, seed=0, out=None, processes=Non
         val = _folders(src, base, "val", hidden) if (src / base / "val").is_dir() else None
         labels = val_labels or (_exists(src / imagenet.KAGGLE_LABELS) if kaggle else imagenet.devkit_beside(src))
         where = f"{src / base / 'val'}"
-    loose = [(name, -1, at) for name, at in train.pop("", [])]  # files beside the class folders: no class
+    loose = train.pop("", [])  # files beside the class folders: no class
     classes = sorted(train)
     if not classes:
         raise JobFailed(f"{src} has no classes: expected train/<class>/<image files>")
     index = {c: i for i, c in enumerate(classes)}
     names = imagenet.read_names(src / imagenet.KAGGLE_NAMES) if (src / imagenet.KAGGLE_NAMES).is_file() else {}
-    splits = {"train": loose + [(name, index[c], at) for c in classes for name, at in train[c]], "val": []}
+    splits = {"train": loose + list(itertools.chain.from_iterable(train[c] for c in classes)), "val": []}
     if val_fraction and (val is not None or val_labels):
         raise JobFailed(f"--val-fraction holds out part of train for a source without val, and {src} has one: "
                         f"drop --val-fraction, or the val images")
@@ -99,7 +101,7 @@ def scan(src, val_labels=None, val_fraction=0.0, seed=0, out=None, processes=Non
             raise JobFailed(f"{where} has class folders, which label its images: drop --val-labels")
         if foldered.keys() - index.keys():
             raise JobFailed(f"{where}/{min(foldered.keys() - index.keys())} names a class that train does not have")
-        splits["val"] = [(name, index[c], at) for c in sorted(foldered) for name, at in foldered[c]]
+        splits["val"] = [(name, index[c], at) for c in sorted(foldered) for name, _, at in foldered[c]]
     elif flat or val_labels:
         if not labels:
             raise JobFailed(f"{where} holds images without class folders, and nothing labels them: put the devkit "
@@ -116,27 +118,28 @@ def _exists(path):
 
 
 def _folders(src, base, split, hidden) -> dict:
-    """{class: [(name, where)]} of src/base/split/<class>/<entry>, with "" for the files of split/
-    itself; name = split/<class>/<entry>, sorted. No stat per file: a scandir of split/, a listdir of
-    each class folder (where a folder, as an input, is rejected as unreadable: nothing is skipped quietly)."""
+    """{class: [(name, class index, where)]} of src/base/split/<class>/<entry>, with "" (index -1) for
+    the files of split/ itself; name = split/<class>/<entry>, sorted; the index is the class's position
+    among the sorted folders. No stat per file: a scandir of split/, a listdir of each class folder (where
+    a folder, as an input, is rejected as unreadable: nothing is skipped quietly)."""
     folder = Path(src) / base / split
     classes, files = _listing(folder, hidden)
-    found = {"": [(f"{split}/{file}", f"{base}/{split}/{file}".lstrip("/")) for file in files]} if files else {}
-    for c in classes:
-        prefix = f"{split}/{c}/"
-        names = [prefix + entry for entry in _entries(folder / c, hidden)]
-        found[c] = [(name, f"{base}/{name}") for name in names] if base else [(name, name) for name in names]
+    found = {"": [(f"{split}/{f}", -1, f"{base}/{split}/{f}".lstrip("/")) for f in files]} if files else {}
+    for label, c in enumerate(classes):
+        prefix, entries = f"{split}/{c}/", _entries(folder / c, hidden)
+        found[c] = ([(prefix + e, label, f"{base}/{prefix}{e}") for e in entries] if base
+                    else [(name := prefix + e, label, name) for e in entries])  # where is name: one string
     return found
 
 
 def _entries(folder, hidden):
     """The sorted names in `folder`, those that start with "." added to `hidden` instead."""
-    names = os.listdir(folder)
-    visible = [name for name in names if name[0] != "."]
-    if len(visible) < len(names):
-        hidden += [os.path.join(folder, name) for name in names if name[0] == "."]
-    visible.sort()
-    return visible
+    names = sorted(os.listdir(folder))
+    start, end = bisect.bisect_left(names, "."), bisect.bisect_left(names, "/")  # "." sorts as one run, then "/"
+    if start == end:  # no pass over the names in Python: ImageNet's 1.33 M are listed in ~1,000 folders
+        return names
+    hidden += [os.path.join(folder, name) for name in names[start:end]]
+    return names[:start] + names[end:]
 
 
 def _listing(folder, hidden):
@@ -153,15 +156,15 @@ def _listing(folder, hidden):
 
 
 def _labelled(flat, labels_path, index):
-    """-> (val items, {wnid: words}) of a flat list [(name, where)], by the labels in `labels_path` (any
+    """-> (val items, {wnid: words}) of a flat list [(name, -1, where)], by the labels in `labels_path` (any
     of pipeline.imagenet's forms); a file they label that val lacks is an item without a where."""
-    files = [name.rsplit("/", 1)[-1] for name, _ in flat]
+    files = [name.rsplit("/", 1)[-1] for name, _, _ in flat]
     labels, words = imagenet.read_labels(labels_path, files)
     unknown = next((file for file, wnid in labels.items() if wnid not in index), None)
     if unknown is not None:
         raise JobFailed(f"{labels_path}: class {labels[unknown]!r} (of {unknown}) is not a class of train; "
                         f"give the labels of these images")
-    items = [(name, index[labels[file]] if file in labels else -1, at) for file, (name, at) in zip(files, flat)]
+    items = [(name, index[labels[file]] if file in labels else -1, at) for file, (name, _, at) in zip(files, flat)]
     missing = sorted(labels.keys() - set(files))
     return sorted(items + [(f"val/{file}", index[labels[file]], None) for file in missing]), words
 
