@@ -116,22 +116,25 @@ def _cached(cache, stamp):
 def read_archives(src, out, processes, hidden):
     """-> ({wnid: [(name, class index, where)]} of train, [(name, -1, where)] of val): every image of the
     archives in `src`, where = (archive, offset, size), name = train/<wnid>/<file> or val/<file> as in
-    the extracted tree, each list sorted by name, the class index the wnid's position among the sorted. Inner tars whose index OUT/.index/ lacks are indexed in
-    parallel (Ray tasks, or `processes`)."""
+    the extracted tree, each list sorted by name, a class's index its wnid's position among the sorted.
+    Inner tars whose index OUT/.index/ lacks are indexed in parallel (Ray tasks, or `processes`)."""
     src = Path(src)
     index = Path(out) / INDEX if out else None
     archives = [name for name in (TRAIN_TAR, VAL_TAR) if (src / name).exists()]
     if index:
         (index / TRAIN_TAR).mkdir(parents=True, exist_ok=True)
     stamps = {name: _stamp(src / name) for name in archives}
-    inner = _list(src / TRAIN_TAR, index and index / f"{TRAIN_TAR}.json", stamps[TRAIN_TAR])
-    regions = {(TRAIN_TAR, name): (start, size) for name, start, size in inner}
+    wnids, regions = {}, {}  # the inner tars by wnid, those named like ._n01440764.tar left out
+    for name, start, size in _list(src / TRAIN_TAR, index and index / f"{TRAIN_TAR}.json", stamps[TRAIN_TAR]):
+        wnid = name.rsplit("/", 1)[-1].removesuffix(".tar")
+        if not _hide(wnid, f"{src / TRAIN_TAR}:{name}", hidden):
+            wnids[wnid], regions[TRAIN_TAR, name] = name, (start, size)
     if VAL_TAR in archives:
         regions[VAL_TAR, ""] = (0, os.path.getsize(src / VAL_TAR))
     found, calls = {}, {}
     for (archive, name), (start, size) in regions.items():
         stamp = {**stamps[archive], "start": start, "size": size}
-        cache = index and (index / archive / f"{name}.json" if name else index / f"{archive}.json")
+        cache = index and (index / archive / f"{name.replace('/', '%')}.json" if name else index / f"{archive}.json")
         members = cache and _cached(cache, stamp)
         if members is None:
             what = f"{src / archive}: {name}" if name else str(src / archive)
@@ -139,11 +142,6 @@ def read_archives(src, out, processes, hidden):
         else:
             found[archive, name] = members
     found.update(parallel(index_member, calls, processes))
-    wnids = {}
-    for name, _, _ in inner:
-        wnid = name.rsplit("/", 1)[-1].removesuffix(".tar")
-        if not _hide(wnid, f"{src / TRAIN_TAR}:{name}", hidden):
-            wnids[wnid] = name
     train = {wnid: _images(found[TRAIN_TAR, wnids[wnid]], TRAIN_TAR, f"train/{wnid}", src, hidden, label)
              for label, wnid in enumerate(sorted(wnids))}
     return train, _images(found.get((VAL_TAR, ""), []), VAL_TAR, "val", src, hidden, -1)

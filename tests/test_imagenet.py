@@ -94,6 +94,17 @@ def test_the_index_is_built_once_and_kept(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (out / ".index").rglob("*.json")} == kept  # read, not built again
 
 
+def test_hidden_members_of_the_archives_are_skipped_and_counted(tmp_path):
+    miniature.write(tmp_path / "src", "archives", CLASSES, SCALE)
+    with tarfile.open(tmp_path / "src" / TRAIN_TAR, "a") as tar:  # what a Mac leaves beside a file it copied
+        miniature._add(tar, "._n00000001.tar", b"\0\5\26\7" + bytes(100))
+    with tarfile.open(tmp_path / "src" / VAL_TAR, "a") as tar:
+        miniature._add(tar, "._ILSVRC2012_val_00000001.JPEG", b"\0\5\26\7" + bytes(100))
+    manifest = run(tmp_path / "src", tmp_path / "out", Settings(shard_size=10), processes=1)
+    assert manifest["totals"]["skipped_hidden"] == 2 and manifest["totals"]["rejected"] == 0
+    assert manifest["classes"] == miniature.Miniature(CLASSES, SCALE).wnids
+
+
 def test_val_labels_from_the_devkit_its_folder_kaggles_csv_and_lines(tmp_path):
     mini = miniature.write(tmp_path / "kaggle", "kaggle", CLASSES, SCALE)
     miniature.write_devkit(tmp_path / "devkit.tar.gz", mini)
