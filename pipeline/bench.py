@@ -37,7 +37,7 @@ def bench_preprocess(src, cores, sample=2000, seed=0):
     import ray
 
     from pipeline.images import Rejected, decode_square, encode_jpeg, resize_center_crop
-    from pipeline.preprocess import Settings, plan, read_input, scan, write_shards
+    from pipeline.preprocess import Settings, read_input, scan, write_shards
 
     cv2.setNumThreads(1)
     ray.init(address="local", num_cpus=cores, _node_ip_address="127.0.0.1", include_dashboard=False,
@@ -58,7 +58,7 @@ def bench_preprocess(src, cores, sample=2000, seed=0):
         settings = Settings(shard_size=max(1, math.ceil(len(chosen) / (8 * cores))))  # >= 8 tasks a core: no idle tail
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            write_shards(plan("train", chosen, settings), src, Path(out), settings)
+            write_shards({"train": chosen}, src, Path(out), settings)
             job = len(chosen) / (time.perf_counter() - start)
     finally:
         ray.shutdown()

@@ -141,7 +141,7 @@ def read_archives(src, out, processes, hidden):
             calls[archive, name] = (str(src / archive), start, size, what, cache and str(cache), stamp)
         else:
             found[archive, name] = members
-    found.update(parallel(index_member, calls, processes))
+    found.update(parallel(index_member, calls.items(), processes))
     train = {wnid: _images(found[TRAIN_TAR, wnids[wnid]], TRAIN_TAR, f"train/{wnid}", src, hidden, label)
              for label, wnid in enumerate(sorted(wnids))}
     return train, _images(found.get((VAL_TAR, ""), []), VAL_TAR, "val", src, hidden, -1)

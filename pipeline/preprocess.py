@@ -11,6 +11,7 @@ import errno
 import fcntl
 import hashlib
 import itertools
+import operator
 import json
 import logging
 import os
@@ -195,26 +196,31 @@ def sample_key(position: int, rel_path: str) -> str:
     return f"{position:08d}_{UNSAFE.sub('_', stem)[:64]}"
 
 
-def plan(split, items, settings: Settings) -> list[dict]:
-    """Shard specs for one split: a seeded permutation of all its items, cut into shards. A spec holds
-    its items and their positions in the split; its task makes their keys (sample_key). Its
-    fingerprint is of what the shard's bytes follow from: the split's names, classes and missing
-    images, its positions, the settings and the tool; not where the images are read from (every form
-    of the same images gives the same shard, so a rerun from another form keeps them)."""
+def shard_names(split, count, settings: Settings) -> list[str]:
+    """The names of the shards of a split of `count` items."""
+    return [f"{split}-{n:06d}" for n in range(-(-count // settings.shard_size))]
+
+
+def plan(split, items, settings: Settings):
+    """Shard specs for one split, a seeded permutation of all its items cut into shards, each made as it
+    is taken (so that its task can start while the next is made). A spec holds its items and their
+    positions in the split; its task makes their keys (sample_key). Its fingerprint is of what the
+    shard's bytes follow from: the split's names and classes and missing images, its positions, the
+    settings and the tool; not where the images are read from (every form of the same images gives the
+    same shard, so a rerun from another form keeps them)."""
     order = np.random.default_rng(settings.seed).permutation(len(items)).tolist()
-    names = hashlib.sha256("\n".join(name for name, _, _ in items).encode())
-    names.update(np.array([cls for _, cls, _ in items], np.int64).tobytes())
-    names.update("\n".join(name for name, _, where in items if where is None).encode())
-    common = {"split": names.hexdigest(), "settings": asdict(settings), "tool": __version__}
-    specs = []
-    for n, start in enumerate(range(0, len(items), settings.shard_size)):
+    name, cls, where = (operator.itemgetter(k) for k in range(3))  # C-level passes: ImageNet has 1.33 M items
+    digest = hashlib.sha256("\n".join(map(name, items)).encode())
+    digest.update(np.fromiter(map(cls, items), np.int64, len(items)).tobytes())
+    if None in map(where, items):  # images the val labels name and val lacks: their rejects are the shard's too
+        digest.update("\n".join(item[0] for item in items if item[2] is None).encode())
+    common = json.dumps({"split": digest.hexdigest(), "settings": asdict(settings), "tool": __version__}).encode()
+    for shard, start in zip(shard_names(split, len(items), settings), range(0, len(items), settings.shard_size)):
         positions = order[start:start + settings.shard_size]
-        spec = {"name": f"{split}-{n:06d}", "split": split, "items": [items[i] for i in positions],
-                "positions": positions}
-        blob = json.dumps({**common, "positions": positions})
-        spec["fingerprint"] = hashlib.sha256(blob.encode()).hexdigest()
-        specs.append(spec)
-    return specs
+        fingerprint = hashlib.sha256(common)
+        fingerprint.update(np.asarray(positions, np.int64).tobytes())
+        yield {"name": shard, "split": split, "items": [items[i] for i in positions], "positions": positions,
+               "fingerprint": fingerprint.hexdigest()}
 
 
 def write_shard(spec, src, out, settings: Settings) -> dict:
@@ -325,14 +331,14 @@ def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01
         tree = scan(src, val_labels, val_fraction, settings.seed, out, processes)
         if tree.hidden:
             log.info("skipped %d hidden entries (names starting with '.'), e.g. %s", len(tree.hidden), tree.hidden[0])
-        specs = [spec for split in SPLITS for spec in plan(split, tree.splits[split], settings)]
-        clock.lap("scan and plan")
-        records = write_shards(specs, src, out, settings, progress, processes)
-        clock.lap("tasks")
+        clock.lap("scan")
+        records = write_shards(tree.splits, src, out, settings, progress, processes)
+        clock.lap("plan and tasks")
         try:
             manifest = _finish(out, src, tree, records, settings, val_labels, val_fraction, max_reject_fraction, lock)
         except OSError as e:  # the driver's own writes: rejects, pca.json, the manifest
-            raise JobFailed(_write_failed(out, e, specs, {r["name"]: r for r in records}, settings.size)) from None
+            raise JobFailed(_write_failed(out, e, sum(r["inputs"] for r in records), {r["name"]: r for r in records},
+                                          len(records), settings.size)) from None
     clock.lap("manifest")
     log.info("stages: %s", ", ".join(f"{stage} {lap['seconds']:.1f}s" for stage, lap in clock.laps.items()))
     if stages is not None:
@@ -340,7 +346,7 @@ def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01
     return manifest
 
 
-STAGES = ("scan and plan", "tasks", "manifest")  # run()'s, in order: the driver's serial work is the first and last
+STAGES = ("scan", "plan and tasks", "manifest")  # run()'s, in order: the driver's serial work is the first and last
 
 
 class Clock:
@@ -356,23 +362,27 @@ class Clock:
         self.start = now
 
 
-def write_shards(specs, src, out, settings, progress=None, processes=None) -> list[dict]:
-    """Every spec's shard, on Ray or `processes`; -> their records, in the specs' order."""
+def write_shards(splits, src, out, settings, progress=None, processes=None) -> list[dict]:
+    """Every shard of `splits` ({split: items}, Tree.splits), on Ray or `processes`, each task submitted as
+    its spec is made: the tasks start before the plan ends. -> their records, train's then val's."""
+    names = [name for split in SPLITS for name in shard_names(split, len(splits.get(split, [])), settings)]
     (out / PARTS).mkdir(parents=True, exist_ok=True)
-    _remove_stale(out, {spec["name"] for spec in specs})
+    _remove_stale(out, set(names))
     records, processed = {}, 0
     if progress:
-        progress(0, len(specs), 0)
+        progress(0, len(names), 0)
+    specs = (spec for split in SPLITS for spec in plan(split, splits.get(split, []), settings))
     try:
-        calls = {spec["name"]: (spec, str(src), str(out), settings) for spec in specs}
-        for name, record in parallel(write_shard, calls, processes):
+        for name, record in parallel(write_shard, ((s["name"], (s, str(src), str(out), settings)) for s in specs),
+                                     processes):
             records[name] = record
             processed += 0 if record["resumed"] else record["inputs"]
             if progress:
-                progress(len(records), len(specs), processed)
+                progress(len(records), len(names), processed)
     except OSError as e:  # a task could not write (a full disk, a quota): the others were cancelled
-        raise JobFailed(_write_failed(out, e, specs, records, settings.size)) from None
-    records = [records[spec["name"]] for spec in specs]
+        inputs = sum(len(splits.get(split, [])) for split in SPLITS)
+        raise JobFailed(_write_failed(out, e, inputs, records, len(names), settings.size)) from None
+    records = [records[name] for name in names]
     resumed = sum(r["resumed"] for r in records)
     if resumed:
         log.info("%d of %d shards were already complete and verified: kept", resumed, len(records))
@@ -383,18 +393,19 @@ def write_shards(specs, src, out, settings, progress=None, processes=None) -> li
 JPEG_BYTES_PER_PIXEL = 0.38
 
 
-def _write_failed(out, error, specs, records, size) -> str:
-    """One line for a write into `out` that failed: a full disk says how much more it needs."""
+def _write_failed(out, error, inputs, records, shards, size) -> str:
+    """One line for a write into `out` that failed: a full disk says how much more it needs. inputs,
+    shards: how many in all; records: {name: record} of the finished shards."""
     if error.errno not in (errno.ENOSPC, errno.EDQUOT):
         return (f"writing into {out} failed: {error.strerror or error} ({error.filename or out}); "
                 f"fix that and run the same command again: finished shards are kept")
     finished = [r for r in records.values() if r["samples"]]
     per_sample = (sum(r["bytes"] for r in finished) / sum(r["samples"] for r in finished) if finished
                   else JPEG_BYTES_PER_PIXEL * size ** 2)
-    remaining = sum(len(spec["items"]) for spec in specs if spec["name"] not in records)
+    remaining = inputs - sum(r["inputs"] for r in records.values())
     written = sum(r["bytes"] for r in finished)
     free = shutil.disk_usage(out).free
-    return (f"no space left on the device of {out}: {len(records)} of {len(specs)} shards written "
+    return (f"no space left on the device of {out}: {len(records)} of {shards} shards written "
             f"({_size(written)}), about {_size(remaining * per_sample)} more needed for the other {remaining:,} "
             f"samples, {_size(free)} free now. Free space (or choose another --out) and run the same command "
             f"again: the finished shards are kept")

@@ -6,9 +6,11 @@ class JobFailed(Exception):
     """The job ran but its result must not be used; the message says why and what to do."""
 
 
-def parallel(fn, calls: dict, processes=None):
-    """Yield (key, fn(*args)) for every key, args of `calls`, as they finish: on Ray, or with `processes`
-    on that many processes. An OSError or JobFailed in one cancels the others and is raised as it is."""
+def parallel(fn, calls, processes=None):
+    """Yield (key, fn(*args)) for every (key, args) of `calls`, as they finish: on Ray, or with `processes`
+    on that many processes. Each is submitted as `calls` yields it (an iterable: a generator's next call
+    is made while the tasks before it run). An OSError or JobFailed in one cancels the others and is
+    raised as it is."""
     return (_on_processes if processes else _on_ray)(fn, calls, processes)
 
 
@@ -16,7 +18,7 @@ def _on_ray(fn, calls, _):
     import ray
 
     task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(fn)  # every node reads and writes
-    pending = {task.remote(*args): key for key, args in calls.items()}
+    pending = {task.remote(*args): key for key, args in calls}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
@@ -38,7 +40,7 @@ def _on_processes(fn, calls, processes):
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = {pool.submit(fn, *args): key for key, args in calls.items()}
+        pending = {pool.submit(fn, *args): key for key, args in calls}
         try:
             for future in as_completed(pending):
                 yield pending[future], future.result()

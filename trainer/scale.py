@@ -3,8 +3,8 @@
     python -m pipeline.miniature --out /data/mini --form tree --scale 0.01    # 1/100 of ImageNet's count
     python -m trainer.scale --src /data/mini --out /data/mini-shards --json scale.json
 
-Stages, in order, all in this process (the driver) but the tasks: scan and plan, the Ray tasks (on a
-local Ray of --cores), the manifest (run()'s stages); the trainer's shard check, first (every sha256)
+Stages, in order, all in this process (the driver) but the tasks: the scan; the plan and the Ray tasks
+(on a local Ray of --cores), each task submitted as its shard is planned; the manifest (run()'s stages); the trainer's shard check, first (every sha256)
 and second (the remembered ones); the loader's start to its first batch, train and val; the trainer's
 start (model, optimiser, loaders) to its first step; evaluation over val: --eval-batches of it
 measured, the rest extrapolated (marked so). The peak RSS is this process's, as high as it has been by
@@ -91,7 +91,7 @@ def measure(src, out, cores, batch_size, eval_batches) -> dict:
 def rows(figures) -> list:
     lines = []
     for stage, f in figures["stages"].items():
-        per = f"{f['images'] / f['seconds']:12,.0f} img/s" if stage == "tasks" else \
+        per = f"{f['images'] / f['seconds']:12,.0f} img/s" if stage == "plan and tasks" else \
             f"{1e6 * f['seconds'] / f['images']:9,.1f} µs/img"
         note = ""
         if "measured_images" in f:
