@@ -155,11 +155,7 @@ def _stamp(path):
 def _list(path, cache, stamp):
     """The outer tar's members, from `cache` when it was written for this file."""
     members = cache and _cached(cache, stamp)
-    if members is None:
-        members = tar_members(path)
-        if cache:
-            write_json(cache, {"stamp": stamp, "members": members})
-    return members
+    return index_member(path, 0, None, str(path), cache, stamp) if members is None else members
 
 
 def _images(members, archive, folder, src, hidden, label):

@@ -15,22 +15,20 @@ import argparse
 import json
 import logging
 import os
-import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from pipeline.preprocess import Clock
 
 
 def timed(stages, name, work, images):
-    """Run work(), recording its wall time, the peak RSS at its end and `images` for the cost per image."""
-    start = time.perf_counter()
+    """Run work(), recording its wall time and the peak RSS at its end (run()'s Clock), and `images` for
+    the cost per image."""
+    clock = Clock()
     result = work()
-    stages[name] = {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_mb(), "images": images}
+    clock.lap(name)
+    stages[name] = {**clock.laps[name], "images": images}
     return result
 
 
@@ -73,16 +71,13 @@ def measure(src, out, cores, batch_size, eval_batches) -> dict:
 
         trainer = timed(stages, "trainer start to first step", first_step, batch_size)
         trainer.model.eval()
-        start, seen = time.perf_counter(), 0
-        with torch.no_grad():
-            for n, (images, _) in enumerate(trainer.val_loader):
-                if n == eval_batches:
-                    break
-                trainer.model(images)
-                seen += len(images)
-        per_image = (time.perf_counter() - start) / seen
-        stages["evaluation over val"] = {"seconds": per_image * val, "peak_rss_mb": peak_mb(), "images": val,
-                                         "measured_images": seen}
+        def some_batches():
+            with torch.no_grad():
+                return sum(len(trainer.model(images)) for _, (images, _) in zip(range(eval_batches), trainer.val_loader))
+
+        seen = timed(stages, "evaluation over val", some_batches, val)
+        stages["evaluation over val"].update(seconds=stages["evaluation over val"]["seconds"] / seen * val,
+                                             measured_images=seen)
     return {"src": str(src), "inputs": inputs, "train": manifest["splits"]["train"]["samples"], "val": val,
             "shards": sum(len(s["shards"]) for s in manifest["splits"].values()), "cores": cores,
             "batch_size": batch_size, "stages": stages}
