@@ -7,7 +7,8 @@
 Figures are images per second. `--json FILE` writes the same figures as JSON, `--plot FILE` draws
 them as a bar chart (PNG). For --shards:
   decode_only     DALI's decode of every training image to RGB uint8, nothing else: the ceiling
-  train_pipeline  build_loader(crops="random") on the device, tensors handed over
+  train_pipeline  build_loader(crops="random") on the device, tensors handed over; measured in turn with
+                  decode_only, --rounds times each, so that their ratio is not this machine's drift
   baseline        what a user writes today: webdataset + Pillow crop/flip/Fancy PCA/normalise in a
                   torch DataLoader with one worker per core
 """
@@ -82,7 +83,13 @@ def _epochs(make_epoch):
         yield from make_epoch()
 
 
-def bench_loader(shards, device, batch_size, seconds, cores):
+def bench_loader(shards, device, batch_size, seconds, cores, rounds=3):
+    """decode_only and train_pipeline measured in turn, `rounds` times each for `seconds` (this machine
+    drifts: a ratio of two figures taken minutes apart is the drift's), then the baseline. The figures
+    are the rounds' medians; "ratio" is the median of the rounds' train_pipeline / decode_only. Turns
+    of a few seconds favour the first pipeline: keep them at 10 s or more for figures to quote."""
+    import statistics
+
     import torch
     from nvidia.dali import fn, pipeline_def, types
 
@@ -109,17 +116,21 @@ def bench_loader(shards, device, batch_size, seconds, cores):
                 torch.cuda.synchronize()
             yield len(out)
 
-    figures = {"device": str(device), "batch_size": batch_size, "cores": cores,
-               "decode_only": rate(decoded_batches(), seconds)}
-    del pipe
-    figures["train_pipeline"] = loader_rate(shards, device, batch_size, seconds, num_threads=cores)
+    decoded, trained = decoded_batches(), loader_batches(shards, device, batch_size, num_threads=cores)
+    pairs = [(rate(decoded, seconds), rate(trained, seconds)) for _ in range(rounds)]
+    del decoded, trained, pipe
+    figures = {"device": str(device), "batch_size": batch_size, "cores": cores, "rounds": rounds,
+               "decode_only": statistics.median(d for d, _ in pairs),
+               "train_pipeline": statistics.median(t for _, t in pairs),
+               "ratio": statistics.median(t / d for d, t in pairs)}
     figures["baseline"] = rate(_epochs(lambda: (len(y) for _, y in _baseline(tars, read_pca(shards), batch_size, cores))),
                                 seconds)
     return figures
 
 
-def loader_rate(shards, device, batch_size, seconds, **options) -> float:
-    """img/s of build_loader(crops="random", **options) on `device`, the tensors handed over."""
+def loader_batches(shards, device, batch_size, **options):
+    """An endless iterator of the batch sizes of build_loader(crops="random", **options) on `device`, the
+    tensors handed over (and on CUDA, synchronised)."""
     import torch
 
     from pipeline import build_loader
@@ -132,7 +143,12 @@ def loader_rate(shards, device, batch_size, seconds, **options) -> float:
             torch.cuda.synchronize()
         return n
 
-    return rate((sync(len(y)) for y in _epochs(lambda: (y for _, y in loader))), seconds)
+    return (sync(len(y)) for y in _epochs(lambda: (y for _, y in loader)))
+
+
+def loader_rate(shards, device, batch_size, seconds, **options) -> float:
+    """img/s of build_loader(crops="random", **options) on `device`, the tensors handed over."""
+    return rate(loader_batches(shards, device, batch_size, **options), seconds)
 
 
 def _baseline(tars, pca, batch_size, workers):
@@ -182,7 +198,9 @@ def add_loader_arguments(p):
                    help="Ray workers, DALI threads and DataLoader workers")
     p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if there is a GPU)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seconds", type=float, default=10.0, help="how long each --shards figure is measured")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long each --shards figure is measured (a turn)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="decode_only and train_pipeline are measured in turn, this many times each")
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--plot", help="also draw the figures as a bar chart into this PNG")
 
@@ -196,7 +214,7 @@ def main(argv=None):
     add_loader_arguments(p)
     args = p.parse_args(argv)
     if args.shards:
-        figures = bench_loader(args.shards, pick_device(args), args.batch_size, args.seconds, args.cores)
+        figures = bench_loader(args.shards, pick_device(args), args.batch_size, args.seconds, args.cores, args.rounds)
         print(table(loader_rows(figures), loader_title(args, figures)))
         bars = {name: figures[name] for name in ("decode_only", "train_pipeline", "baseline")}
         title = f"input pipeline on {figures['device']}, batch {args.batch_size}, {args.cores} cores"
@@ -247,7 +265,7 @@ def loader_rows(f) -> list:
     return [
         ("decode_only", f"{f['decode_only']:9,.0f} img/s  DALI decode to RGB uint8, nothing else (the ceiling)"),
         ("train_pipeline", f"{f['train_pipeline']:9,.0f} img/s  build_loader(crops='random'): "
-                           f"{f['train_pipeline'] / f['decode_only']:.2f} x decode_only"),
+                           f"{f['ratio']:.2f} x decode_only (the median of {f['rounds']} rounds, each measured in turn)"),
         ("baseline", f"{f['baseline']:9,.0f} img/s  webdataset + Pillow, DataLoader with {f['cores']} workers: "
                      f"train_pipeline is {f['train_pipeline'] / f['baseline']:.1f} x"),
     ]

@@ -52,7 +52,7 @@ def main(argv=None):
     add_loader_arguments(p)
     args = p.parse_args(argv)
     device = pick_device(args)
-    figures = bench_loader(args.shards, device, args.batch_size, args.seconds, args.cores)
+    figures = bench_loader(args.shards, device, args.batch_size, args.seconds, args.cores, args.rounds)
     figures["model"] = model_rate(device, args.batch_size, args.seconds)
     feed = figures["train_pipeline"] / figures["model"]
     rows = loader_rows(figures) + [

@@ -90,7 +90,7 @@ def pipeline_rows(shards, gpu, batch_sizes, seconds, cores) -> list:
         return loader_rate(str(shards), options.pop("device", device), batch, seconds, **options)
 
     for batch in batch_sizes:
-        figures = bench_loader(str(shards), device, batch, seconds, cores)
+        figures = bench_loader(str(shards), device, batch, seconds, cores, rounds=1)  # within 8 minutes
         rows += [("decode_only", batch, figures["decode_only"]), ("train_pipeline", batch, figures["train_pipeline"]),
                  ("baseline (webdataset + Pillow)", batch, figures["baseline"])]
         rows.append(("cpu_decode", batch, train_pipeline(device="cpu") if gpu else "no GPU: train_pipeline is it"))
