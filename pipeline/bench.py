@@ -83,11 +83,12 @@ def _epochs(make_epoch):
         yield from make_epoch()
 
 
-def bench_loader(shards, device, batch_size, seconds, cores, rounds=3):
+def bench_loader(shards, device, batch_size, seconds, cores, rounds=3, baseline=True):
     """decode_only and train_pipeline measured in turn, `rounds` times each for `seconds` (this machine
     drifts: a ratio of two figures taken minutes apart is the drift's), then the baseline. The figures
     are the rounds' medians; "ratio" is the median of the rounds' train_pipeline / decode_only. Turns
-    of a few seconds favour the first pipeline: keep them at 10 s or more for figures to quote."""
+    of a few seconds favour the first pipeline: keep them at 10 s or more for figures to quote.
+    baseline=False leaves the baseline out (it needs webdataset, which a GPU machine may lack)."""
     import statistics
 
     import torch
@@ -123,8 +124,9 @@ def bench_loader(shards, device, batch_size, seconds, cores, rounds=3):
                "decode_only": statistics.median(d for d, _ in pairs),
                "train_pipeline": statistics.median(t for _, t in pairs),
                "ratio": statistics.median(t / d for d, t in pairs)}
-    figures["baseline"] = rate(_epochs(lambda: (len(y) for _, y in _baseline(tars, read_pca(shards), batch_size, cores))),
-                                seconds)
+    if baseline:
+        figures["baseline"] = rate(_epochs(lambda: (len(y) for _, y in _baseline(tars, read_pca(shards), batch_size,
+                                                                                  cores))), seconds)
     return figures
 
 

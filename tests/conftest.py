@@ -93,6 +93,17 @@ def shards(tree, tmp_path_factory, ray_head):
     return out
 
 
+@pytest.fixture(scope="session")
+def local_shards(tree, tmp_path_factory):
+    """The tree preprocessed on this machine's processes, without Ray: the gpu-marked tests' data, so that
+    they run where torch and DALI are all there is (trainer.gpu_check on a GPU machine)."""
+    from pipeline.preprocess import Settings, run
+
+    out = tmp_path_factory.mktemp("local-shards")
+    run(tree, out, Settings(shard_size=5), processes=2)
+    return out
+
+
 def fit(rank, shards, out, steps):
     """`steps` training steps on the whole of a tiny set, the demo's quick recipe at a constant lr,
     without dropout or augmentation; then the trainer's own val errors (centre, ten-crop) and a

@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -250,10 +251,12 @@ def test_torchrun_two_nodes_on_loopback(shards, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU")
-def test_torchrun_on_every_gpu_with_nccl(shards, tmp_path):
+def test_torchrun_on_every_gpu_with_nccl(local_shards, tmp_path):
     gpus, out = torch.cuda.device_count(), tmp_path / "run"
-    cmd = [BIN / "torchrun", "--standalone", "--nproc-per-node", gpus, "-m", "trainer.run", "--shards", shards,
-           "--out", out, "--epochs", 1, "--batch-size", 4 * gpus, "--steps-per-epoch", 2, "--log-every", 1]
+    # torchrun by its module: a GPU machine's python may keep its scripts off PATH and away from sys.executable
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", gpus, "-m",
+           "trainer.run", "--shards", local_shards, "--out", out, "--epochs", 1, "--batch-size", 4 * gpus,
+           "--steps-per-epoch", 2, "--log-every", 1]
     result = subprocess.run([*map(str, cmd)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [m["workers"] for m in metrics(out, "step")] == [gpus, gpus]

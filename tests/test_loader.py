@@ -14,7 +14,11 @@ CROP, SPAN = 227, 256 - 227
 
 @pytest.fixture(scope="module")
 def decoded(shards):
-    """{split: {key: (DALI's decode of the sample, [256, 256, 3] uint8, label)}}: the reference images."""
+    return decode_all(shards)
+
+
+def decode_all(shards):
+    """{split: {key: (DALI's decode of the sample on the CPU, [256, 256, 3] uint8, label)}}: the reference images."""
     from nvidia.dali import fn, pipeline_def, types
 
     manifest = json.loads((shards / "manifest.json").read_text())
@@ -221,11 +225,11 @@ def test_bad_arguments_say_what_is_allowed(shards):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_pipeline_matches_cpu(shards):
+def test_gpu_pipeline_matches_cpu(local_shards):
     # standardised inputs, so that the tolerances below are in units of the pixels' std
-    cpu = next(iter(build_loader(shards, split="val", batch_size=9, crops="center", inputs="standardised")))
+    cpu = next(iter(build_loader(local_shards, split="val", batch_size=9, crops="center", inputs="standardised")))
     for dtype, channels_last in [(torch.float32, False), (torch.float16, True), (torch.bfloat16, True)]:
-        images, labels = next(iter(build_loader(shards, split="val", batch_size=9, crops="center",
+        images, labels = next(iter(build_loader(local_shards, split="val", batch_size=9, crops="center",
                                                 inputs="standardised", device="cuda:0", dtype=dtype,
                                                 channels_last=channels_last)))
         assert images.device.type == "cuda" and images.dtype == dtype and labels.device.type == "cuda"
@@ -234,6 +238,14 @@ def test_gpu_pipeline_matches_cpu(shards):
         # nvJPEG and libjpeg-turbo may differ by a few levels per pixel: compare means and maxima
         diff = (images.float().cpu() - cpu[0]).abs()
         assert diff.mean() < 0.02 and diff.max() < 0.5
+    # random crops: nvJPEG decodes the window alone (ROI), at the positions and flips the batch reports
+    pca, train = json.loads((local_shards / "pca.json").read_text()), decode_all(local_shards)["train"]
+    loader = build_loader(local_shards, batch_size=8, device="cuda:0", with_params=True, fancy_pca_sigma=0.0,
+                          inputs="standardised")
+    for images, _, info in loader:
+        for image, key, (x, y, flip) in zip(images.cpu(), info["keys"], info["params"].tolist()):
+            diff = np.abs(image.numpy() - normalise(numpy_crop(train[key][0], x, y, flip), pca, "standardised"))
+            assert diff.mean() < 0.02 and diff.max() < 0.5, (key, x, y, flip)
 
 
 def rank_correlation(a, b):

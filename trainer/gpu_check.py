@@ -23,6 +23,7 @@ Without a GPU every CUDA row says so and the rest runs on the CPU, so that CI ru
 the CUDA calls. Figures are measured in this run; nothing is projected.
 """
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -89,10 +90,15 @@ def pipeline_rows(shards, gpu, batch_sizes, seconds, cores) -> list:
     def train_pipeline(**options):
         return loader_rate(str(shards), options.pop("device", device), batch, seconds, **options)
 
+    try:
+        importlib.import_module("webdataset")  # the baseline's alone: a GPU machine may have torch and DALI only
+        baseline = True
+    except ImportError:
+        baseline = False
     for batch in batch_sizes:
-        figures = bench_loader(str(shards), device, batch, seconds, cores, rounds=1)  # within 8 minutes
+        figures = bench_loader(str(shards), device, batch, seconds, cores, rounds=1, baseline=baseline)  # in 8 minutes
         rows += [("decode_only", batch, figures["decode_only"]), ("train_pipeline", batch, figures["train_pipeline"]),
-                 ("baseline (webdataset + Pillow)", batch, figures["baseline"])]
+                 ("baseline (webdataset + Pillow)", batch, figures.get("baseline", "webdataset is not installed"))]
         rows.append(("cpu_decode", batch, train_pipeline(device="cpu") if gpu else "no GPU: train_pipeline is it"))
     batch = batch_sizes[0]
     for threads in sorted({1, min(4, cores), cores}):
@@ -157,7 +163,7 @@ def gpu_tests() -> dict:
     result = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
                             cwd=REPO, capture_output=True, text=True)
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", result.stdout)}
-    return {"exit_status": result.returncode, **counts, "tail": result.stdout[-3000:]}
+    return {"exit_status": result.returncode, **counts, "tail": (result.stdout + result.stderr)[-3000:]}
 
 
 def markdown(report) -> str:
@@ -167,8 +173,12 @@ def markdown(report) -> str:
              + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), ""]
     if "gpu_tests" in report:
         t = report["gpu_tests"]
-        lines += [f"gpu tests: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, "
-                  f"{t.get('errors', t.get('error', 0))} errors, {t.get('skipped', 0)} skipped", ""]
+        if {"passed", "failed", "skipped", "error", "errors"} & set(t):
+            lines += [f"gpu tests: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, "
+                      f"{t.get('errors', t.get('error', 0))} errors, {t.get('skipped', 0)} skipped", ""]
+        else:  # pytest missing, or no test collected: its last line says which
+            last = (t["tail"].strip().splitlines() or [""])[-1]
+            lines += [f"gpu tests: did not run (pytest's exit status {t['exit_status']}): {last}", ""]
     lines += [f"**headline: train_pipeline / model = {report['headline']}**", "",
               "| figure | batch | img/s |", "| --- | --- | --- |"]
     for name, batch, value in report["rows"]:
