@@ -87,7 +87,7 @@ def bench_loader(shards, device, batch_size, seconds, cores, rounds=3, baseline=
     """decode_only and train_pipeline measured in turn, `rounds` times each for `seconds` (this machine
     drifts: a ratio of two figures taken minutes apart is the drift's), then the baseline. The figures
     are the rounds' medians; "ratio" is the median of the rounds' train_pipeline / decode_only. Turns
-    of a few seconds favour the first pipeline: keep them at 10 s or more for figures to quote.
+    of a few seconds gave lower ratios here: keep them at 10 s or more for figures to quote.
     baseline=False leaves the baseline out (it needs webdataset, which a GPU machine may lack)."""
     import statistics
 
