@@ -199,7 +199,21 @@ def two_node_cluster():
         "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
+    # a node is registered before the head's scheduler counts its CPU: until two SPREAD tasks run on two
+    # nodes, a job's tasks may all land on the head (seen once in a full run)
+    subprocess.run([sys.executable, "-c", SPREAD_PROBE, cluster.address], check=True, capture_output=True, timeout=180)
     return cluster
+
+
+SPREAD_PROBE = """
+import sys, time, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+where = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(lambda: time.sleep(0.2) or ray.get_runtime_context().get_node_id())
+deadline = time.monotonic() + 120
+while len(set(ray.get([where.remote(), where.remote()]))) < 2:
+    if time.monotonic() > deadline:
+        sys.exit("the two nodes never both ran a task")
+"""
 
 
 def wait_for(condition, timeout=120, interval=0.05):
