@@ -11,9 +11,9 @@ import errno
 import fcntl
 import hashlib
 import itertools
-import operator
 import json
 import logging
+import operator
 import os
 import re
 import resource
@@ -213,7 +213,7 @@ def plan(split, items, settings: Settings):
     digest = hashlib.sha256("\n".join(map(name, items)).encode())
     digest.update(np.fromiter(map(cls, items), np.int64, len(items)).tobytes())
     if None in map(where, items):  # images the val labels name and val lacks: their rejects are the shard's too
-        digest.update("\n".join(item[0] for item in items if item[2] is None).encode())
+        digest.update("\n".join(name(item) for item in items if where(item) is None).encode())
     common = json.dumps({"split": digest.hexdigest(), "settings": asdict(settings), "tool": __version__}).encode()
     for shard, start in zip(shard_names(split, len(items), settings), range(0, len(items), settings.shard_size)):
         positions = order[start:start + settings.shard_size]

@@ -208,7 +208,8 @@ def two_node_cluster():
 SPREAD_PROBE = """
 import sys, time, ray
 ray.init(address=sys.argv[1], log_to_driver=False)
-where = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(lambda: time.sleep(0.2) or ray.get_runtime_context().get_node_id())
+node = lambda: time.sleep(0.2) or ray.get_runtime_context().get_node_id()
+where = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(node)
 deadline = time.monotonic() + 120
 while len(set(ray.get([where.remote(), where.remote()]))) < 2:
     if time.monotonic() > deadline:

@@ -4,9 +4,10 @@
     python -m trainer.scale --src /data/mini --out /data/mini-shards --json scale.json
 
 Stages, in order, all in this process (the driver) but the tasks: the scan; the plan and the Ray tasks
-(on a local Ray of --cores), each task submitted as its shard is planned; the manifest (run()'s stages); the trainer's shard check, first (every sha256)
-and second (the remembered ones); the loader's start to its first batch, train and val; the trainer's
-start (model, optimiser, loaders) to its first step; evaluation over val: --eval-batches of it
+(on a local Ray of --cores), each task submitted as its shard is planned; the manifest (run()'s
+stages); the trainer's shard check, first (every sha256) and second (the remembered ones); the
+loader's start to its first batch, train and val; the trainer's start (model, optimiser, loaders) to
+its first step; evaluation over val: --eval-batches of it
 measured, the rest extrapolated (marked so). The peak RSS is this process's, as high as it has been by
 the stage's end. --out should be a new folder: a finished run there would be resumed, its tasks
 measuring nothing.
@@ -71,9 +72,11 @@ def measure(src, out, cores, batch_size, eval_batches) -> dict:
 
         trainer = timed(stages, "trainer start to first step", first_step, batch_size)
         trainer.model.eval()
+
         def some_batches():
             with torch.no_grad():
-                return sum(len(trainer.model(images)) for _, (images, _) in zip(range(eval_batches), trainer.val_loader))
+                batches = zip(range(eval_batches), trainer.val_loader)
+                return sum(len(trainer.model(images)) for _, (images, _) in batches)
 
         seen = timed(stages, "evaluation over val", some_batches, val)
         stages["evaluation over val"].update(seconds=stages["evaluation over val"]["seconds"] / seen * val,
