@@ -115,9 +115,9 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
     # grayscale data has a rank-1 covariance: its other eigenvalues are 0 up to rounding, maybe -1e-18
     eigenvalues = [max(v, 0.0) for v in pca["eigenvalues"]]
     scale = [v ** 0.5 if fancy_pca_scale == "sqrt" else v for v in eigenvalues]
-    # offset per unit alpha, for component k: 255 * sigma * s_k * P[:, k], in pixel units
-    directions = [[255.0 * fancy_pca_sigma * scale[k] * pca["eigenvectors"][c][k] for c in range(3)]
-                  for k in range(3)]
+    # Fancy PCA's offset is M alpha, M[c][k] = 255 * sigma * s_k * P[c][k] in pixel units, and the
+    # per-sample mean mean255 - M alpha: -M here, row-major, for fn.coord_transform
+    lighting = [-255.0 * fancy_pca_sigma * scale[k] * pca["eigenvectors"][c][k] for c in range(3) for k in range(3)]
     normalisation = normalisation or normalisation_of(pca, inputs)
     mean255 = [255.0 * m for m in normalisation["mean"]]
     std255 = [255.0 * s for s in normalisation["std"]]
@@ -148,7 +148,9 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
             mirror = fn.random.coin_flip(probability=0.5)
             mean = mean255
             if fancy_pca_sigma:
-                mean = types.Constant(mean255) - sum(fn.random.normal() * types.Constant(d) for d in directions)
+                # one operator for the sum over k: each operator costs a few us a sample
+                alpha = fn.random.normal(shape=[1, 3])
+                mean = fn.reshape(fn.coord_transform(alpha, M=lighting, T=mean255), shape=[3])
             # only the crop's window is decoded (ROI decoding): 227 x 227 of the 256 x 256
             window = fn.decoders.image_crop(jpg, output_type=types.RGB, crop=(CROP, CROP), crop_pos_x=x,
                                             crop_pos_y=y, **decoder)
