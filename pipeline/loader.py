@@ -178,11 +178,21 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
     pipe = pipeline(batch_size=batch_size, num_threads=num_threads or len(os.sched_getaffinity(0)),
                     device_id=(device.index or 0) if gpu else None, seed=rank_seed(seed, rank),
                     checkpoint=None if state is None else state["dali"])
-    pipe.build()
+    try:
+        pipe.build()
+    except RuntimeError as e:
+        if state is None:
+            raise
+        raise StaleLoaderState(" ".join(str(e).split())) from None
     names = ["images", "labels"] + (["params", "source"] if with_params else [])
     iterator = DALIGenericIterator([pipe], names, reader_name="reader", auto_reset=True,
                                    last_batch_policy=LastBatchPolicy.PARTIAL)
     return Loader(iterator, device, dtype, channels_last)
+
+
+class StaleLoaderState(ValueError):
+    """build_loader(state=...) with a state that this pipeline cannot continue from: written by another
+    version of build_loader, or with other options (crops, Fancy PCA's sigma). str(): DALI's reason."""
 
 
 class Loader:

@@ -119,10 +119,21 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_losses(shards, cl
         kill_group(job)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 0 and 0 < state["epoch_step"] < 6, "killed mid-epoch 1"
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
 
     result = train(shards, out, *STEPS, "--resume")  # without a checkpoint at every step: the same batches
     assert f"resumed {out} at epoch 1 step {state['epoch_step']}" in result.stderr
     assert losses_by_step(out) == losses_by_step(clean)  # the same batches, the same dropout masks, the same weights
+
+    # without Fancy PCA the loader is another DALI graph, which the saved loader state does not fit
+    changed = train(shards, other, *STEPS, "--resume", "--fancy-pca-sigma", 0)
+    assert (f"{other / 'checkpoint.pt'}'s loader state does not fit this pipeline (another version of it, or "
+            f"another --fancy-pca-sigma: " in changed.stderr and "Traceback" not in changed.stderr)
+    assert (f"so epoch 1 starts again from its first batch (the {state['epoch_step']} step(s) taken in it stay "
+            f"in the weights)") in changed.stderr
+    k = state["step"]  # epoch 1's 6 steps again after the k taken, then epoch 2's
+    assert sorted(losses_by_step(other)) == list(range(1, k + 13))
 
 
 def test_a_short_run_writes_its_run_folder(shards, tmp_path):

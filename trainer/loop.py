@@ -38,7 +38,7 @@ class Trainer:
         devices: the towers' device(s), by default from config; on_save(trainer): called on every rank
         after each checkpoint (Ray Train reports it); stop: the StopRequest this process answers to."""
         from pipeline import build_loader  # the data half; the trainer only sees torch tensors
-        from pipeline.loader import normalisation_of
+        from pipeline.loader import StaleLoaderState, normalisation_of
         from pipeline.manifest import read_manifest, read_pca
 
         self.config, self.out, self.on_save = config, Path(config.out), on_save
@@ -84,9 +84,15 @@ class Trainer:
                                    num_threads=config.cpus_per_worker if self.ranks.world > 1 else None)
         self.batch_size = config.batch_size // self.ranks.world  # parse_args checked that it divides
         # one seed for all: the loader shares the shard order and gives each rank augmentation of its own
-        self.train_loader = build_loader(config.shards, "train", self.batch_size, seed=config.seed,
-                                         state=loader_state, crops="random" if config.augment else "center",
-                                         fancy_pca_sigma=config.fancy_pca_sigma, **self.loader_options)
+        train_options = dict(seed=config.seed, crops="random" if config.augment else "center",
+                             fancy_pca_sigma=config.fancy_pca_sigma, **self.loader_options)
+        try:
+            self.train_loader = build_loader(config.shards, "train", self.batch_size, state=loader_state,
+                                             **train_options)
+        except StaleLoaderState as e:
+            self.restart_epoch(f"{self.out / checkpoint.CHECKPOINT}'s loader state does not fit this pipeline "
+                               f"(another version of it, or another --fancy-pca-sigma: {e})")
+            self.train_loader = build_loader(config.shards, "train", self.batch_size, **train_options)
         self.val_loader = None
         if manifest["splits"]["val"]["samples"]:
             self.val_loader = build_loader(config.shards, "val", self.batch_size, crops="center",
@@ -170,14 +176,8 @@ class Trainer:
             state.update(world_size=1, **{key: [state[key]] for key in ("loader", "rng", "cuda_rng")})
         rank, world = self.ranks.rank, self.ranks.world
         if state["world_size"] != world:
-            if self.ranks.master:
-                restart = (f"epoch {self.epoch + 1} starts again from its first batch (the {self.epoch_step} "
-                           f"step(s) taken in it stay in the weights)" if self.epoch_step else
-                           f"epoch {self.epoch + 1} starts with new loaders")
-                log.warning("%s was written by %d worker(s), this run has %d: the loaders cannot continue where "
-                            "those stopped, so %s", self.out / checkpoint.CHECKPOINT, state["world_size"], world,
-                            restart)
-            self.epoch_step = 0
+            self.restart_epoch(f"{self.out / checkpoint.CHECKPOINT} was written by {state['world_size']} "
+                               f"worker(s), this run has {world}")
             return None
         torch.set_rng_state(state["rng"][rank])
         if state["cuda_rng"][rank]:
@@ -185,6 +185,16 @@ class Trainer:
         if "loss_sum" in state:
             self.loss_sum = state["loss_sum"][rank].to(self.device)
         return {"dali": state["loader"][rank].numpy().tobytes()}
+
+    def restart_epoch(self, why: str):
+        """The checkpoint's loaders cannot be continued (`why`): this epoch starts again with new ones."""
+        if self.ranks.master:
+            restart = (f"epoch {self.epoch + 1} starts again from its first batch (the {self.epoch_step} "
+                       f"step(s) taken in it stay in the weights)" if self.epoch_step else
+                       f"epoch {self.epoch + 1} starts with new loaders")
+            log.warning("%s: the loaders cannot continue where those stopped, so %s", why, restart)
+        self.epoch_step = 0
+        self.loss_sum.zero_()
 
     # -- the loop ------------------------------------------------------------------------------
 
