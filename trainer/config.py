@@ -58,7 +58,9 @@ class Config:
 CHOICES = {"optimizer": ("sgd", "adam"), "init": ("paper", "torch"), "inputs": INPUTS, "device": ("cpu", "cuda"),
            "gpus_per_worker": (1, 2)}
 AT_LEAST = {"epochs": 1, "batch_size": 1, "log_every": 1, "cpus_per_worker": 0, "workers": 0, "max_failures": 0,
-            "steps_per_epoch": 0, "checkpoint_minutes": 0}
+            "steps_per_epoch": 0, "checkpoint_minutes": 0, "lr": 0, "momentum": 0, "weight_decay": 0,
+            "lr_factor": 0, "lr_patience": 0, "dropout": 0, "fancy_pca_sigma": 0}
+BELOW = {"lr_factor": 1, "dropout": 1}
 
 
 def field_help() -> dict:
@@ -84,8 +86,11 @@ def parse_args(argv=None, doc=None) -> Config:
                            choices=CHOICES.get(field.name), **kwargs)
     config = Config(**vars(p.parse_args(argv)))  # an unknown flag or choice is an argparse error
     for name, least in AT_LEAST.items():
-        if getattr(config, name) < least:
+        if not getattr(config, name) >= least:  # nan too
             p.error(f"--{name.replace('_', '-')} must be {least} or more, not {getattr(config, name)}")
+    for name, bound in BELOW.items():
+        if not getattr(config, name) < bound:
+            p.error(f"--{name.replace('_', '-')} must be below {bound}, not {getattr(config, name)}")
     world = config.workers or int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets WORLD_SIZE
     if config.batch_size % world:
         p.error(f"--batch-size {config.batch_size} is the global batch and must split evenly over {world} "
