@@ -21,6 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.manifest import ShardDirError
+from pipeline.tasks import JobFailed
+
+# what a user's shards, tree or install can raise: said in one line (exit status 2), not as a traceback
+USER_ERRORS = (ShardDirError, JobFailed, ValueError, ImportError)
 
 def table(rows, title):
     width = max(len(name) for name, _ in rows)
@@ -215,13 +220,16 @@ def main(argv=None):
     p.add_argument("--sample", type=int, default=2000, help="--src: at most this many inputs, a seeded sample")
     add_loader_arguments(p)
     args = p.parse_args(argv)
+    try:
+        figures = (bench_loader(args.shards, pick_device(args), args.batch_size, args.seconds, args.cores, args.rounds)
+                   if args.shards else bench_preprocess_report(args))
+    except USER_ERRORS as e:
+        p.exit(2, f"bench: {e}\n")
     if args.shards:
-        figures = bench_loader(args.shards, pick_device(args), args.batch_size, args.seconds, args.cores, args.rounds)
         print(table(loader_rows(figures), loader_title(args, figures)))
         bars = {name: figures[name] for name in ("decode_only", "train_pipeline", "baseline")}
         title = f"input pipeline on {figures['device']}, batch {args.batch_size}, {args.cores} cores"
     else:
-        figures = bench_preprocess_report(args)
         bars = {"single-process loop": figures["single_loop"],
                 f"{figures['cores']} x single loop (linear)": figures["cores"] * figures["single_loop"],
                 f"Ray job on {figures['cores']} cores": figures["ray_job"]}

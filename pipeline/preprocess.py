@@ -69,6 +69,10 @@ def scan(src, val_labels=None, val_fraction=0.0, seed=0, out=None, processes=Non
     OUT/.index/ on Ray (or `processes`). val_fraction: hold out this share of every class of train as
     val (seeded), for a source without val."""
     src, hidden = Path(src), []
+    if not src.is_dir():
+        raise JobFailed(f"{src} is a file: --src is a folder, an image tree or the one that holds ImageNet's archives"
+                        if src.exists() else
+                        f"{src} does not exist: --src is an image tree or the folder of ImageNet's archives")
     if (src / imagenet.TRAIN_TAR).exists():
         form, labels = "archives", val_labels or imagenet.devkit_beside(src)
         train, val = imagenet.read_archives(src, out, processes, hidden)

@@ -52,3 +52,14 @@ def test_miniature_demo(tmp_path, ray_head):
     assert re.search(r"images +40 \(a seeded sample of the 60 inputs\)", printed), printed
     assert figures["ratio_to_cores_x_single"] == pytest.approx(
         figures["ray_job"] / (figures["cores"] * figures["single_loop"]))
+
+
+@pytest.mark.parametrize("module", ["pipeline.bench", "trainer.bench"])
+def test_the_benchmarks_say_bad_shards_in_one_line(tmp_path, module):
+    (tmp_path / "half").mkdir()  # a preprocessing that has not finished: no manifest
+    for shards, said in ((tmp_path / "none", "does not exist: make shards with"),
+                         (tmp_path / "half", "manifest.json is missing: the preprocessing has not finished")):
+        result = subprocess.run([sys.executable, "-m", module, "--shards", str(shards)], cwd=REPO,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and result.stderr.startswith(f"bench: {shards}") and said in result.stderr
+        assert result.stderr.count("\n") == 1 and not result.stdout

@@ -183,3 +183,13 @@ def test_the_job_says_a_bad_archive_in_one_line(sound, tmp_path, ray_head):
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert result.returncode == 1 and len(errors) == 1 and "is a binary file, not labels" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_a_src_that_is_not_a_folder_is_said_in_one_line(tmp_path):
+    archive = tmp_path / TRAIN_TAR
+    archive.write_bytes(b"")  # the archive itself given as --src
+    for src, said in ((tmp_path / "none", f"{tmp_path / 'none'} does not exist: --src is an image tree or"),
+                      (archive, f"{archive} is a file: --src is a folder, an image tree or the one that holds")):
+        with pytest.raises(JobFailed) as failed:
+            run(src, tmp_path / "out", Settings(), processes=1)
+        assert str(failed.value).startswith(said) and "\n" not in str(failed.value)

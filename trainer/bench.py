@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bench import add_loader_arguments, bench_loader, loader_rows, loader_title, pick_device, plot, rate, table
+from pipeline.bench import (USER_ERRORS, add_loader_arguments, bench_loader, loader_rows, loader_title, pick_device,
+                            plot, rate, table)
 from pipeline.loader import CROP
 from trainer.model import AlexNet
 
@@ -52,7 +53,10 @@ def main(argv=None):
     add_loader_arguments(p)
     args = p.parse_args(argv)
     device = pick_device(args)
-    figures = bench_loader(args.shards, device, args.batch_size, args.seconds, args.cores, args.rounds)
+    try:
+        figures = bench_loader(args.shards, device, args.batch_size, args.seconds, args.cores, args.rounds)
+    except USER_ERRORS as e:
+        p.exit(2, f"bench: {e}\n")
     figures["model"] = model_rate(device, args.batch_size, args.seconds)
     feed = figures["train_pipeline"] / figures["model"]
     rows = loader_rows(figures) + [
