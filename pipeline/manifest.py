@@ -53,10 +53,19 @@ def read_manifest(shards) -> dict:
     if not path.exists():
         raise ShardDirError(f"{path} is missing: the preprocessing has not finished; run "
                             f"`python jobs/preprocess.py --src TREE --out {shards}` again")
-    with open(path) as f:
-        return json.load(f)
+    return _read_json(shards, MANIFEST)
 
 
 def read_pca(shards) -> dict:
-    with open(Path(shards) / PCA) as f:
-        return json.load(f)
+    return _read_json(shards, PCA)
+
+
+def _read_json(shards, name) -> dict:
+    """A JSON file of the shard folder; one missing or damaged is a ShardDirError that says what to run."""
+    path = Path(shards) / name
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
+        raise ShardDirError(f"{path} cannot be read ({e}): run `python jobs/preprocess.py --src TREE --out {shards}` "
+                            f"again, which writes it anew") from None

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline.images import decode_jpeg, jpeg_frame
-from pipeline.manifest import PCA, SPLITS, ShardDirError, read_manifest, write_json
+from pipeline.manifest import PCA, SPLITS, ShardDirError, read_manifest, read_pca, write_json
 from pipeline.shards import INDEX_VERSION, iter_samples, sha256_file
 
 VERIFIED = ".verified.json"
@@ -36,6 +36,7 @@ def verify(shards, deep=True) -> dict:
     redo = f"run the preprocessing into {shards} again (it redoes what is damaged)"
     if not (shards / PCA).exists():
         raise ShardDirError(f"{shards / PCA} is missing: {redo}")
+    read_pca(shards)  # and is JSON
     size, classes = manifest["settings"]["size"], len(manifest["classes"])
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:

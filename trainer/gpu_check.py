@@ -196,7 +196,10 @@ def main(argv=None):
     images, batch_sizes, seconds, steps = (48, [8], 0.2, 2) if args.quick else (4096, [128, 256], 4.0, 300)
     cores = len(os.sched_getaffinity(0))
     folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.exit(2, f"gpu-check: cannot write into --out {folder}: {e.strerror or e}\n")
     if gpu:
         torch.backends.cudnn.benchmark = True  # the trainer's input shape is fixed
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "gpu": gpu, "environment": environment()}

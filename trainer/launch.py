@@ -70,6 +70,9 @@ def run_folder(config: Config):
     except LockHeld as e:
         yield str(e)
         return
+    except OSError as e:  # a file, a read-only or forbidden place
+        yield f"cannot write into --out {out}: {'it is a file' if out.is_file() else e.strerror or e}"
+        return
     problem = None
     try:
         problem = refusal(config)
