@@ -95,6 +95,8 @@ def scan(src, val_labels=None, val_fraction=0.0, seed=0, out=None, processes=Non
     index = {c: i for i, c in enumerate(classes)}
     names = imagenet.read_names(src / imagenet.KAGGLE_NAMES) if (src / imagenet.KAGGLE_NAMES).is_file() else {}
     splits = {"train": loose + list(itertools.chain.from_iterable(train[c] for c in classes)), "val": []}
+    if not splits["train"]:
+        raise JobFailed(f"{src} has {len(classes)} classes and no images in them: expected train/<class>/<image files>")
     if val_fraction and (val is not None or val_labels):
         raise JobFailed(f"--val-fraction holds out part of train for a source without val, and {src} has one: "
                         f"drop --val-fraction, or the val images")
@@ -460,6 +462,8 @@ def _finish(out, src, tree, records, settings, val_labels, val_fraction, max_rej
     for r in records:
         if r["split"] == "train":
             moments.merge(Moments(**r["moments"]))
+    if not moments.count:
+        raise JobFailed(f"every training image was rejected: see {out / REJECTS}")
     write_json(out / PCA, moments.pca())
     manifest = {
         "tool": f"alexnet-pipeline {__version__}",

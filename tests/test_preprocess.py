@@ -408,3 +408,17 @@ def test_a_full_disk_says_so_in_one_line_and_the_rerun_resumes(tmp_path, small_d
     result = preprocess(src, out, "--shard-size", 2, address=ray_head)
     assert "shards were already complete and verified: kept" in result.stderr and kept > 0
     assert verify(out)["totals"]["written"] == 30
+
+
+def test_a_tree_without_usable_images_is_said_in_one_line(tmp_path):
+    from pipeline.preprocess import JobFailed, Settings, run
+
+    src = tmp_path / "src"
+    for c in ("a", "b"):
+        (src / "train" / c).mkdir(parents=True)
+    with pytest.raises(JobFailed, match=f"^{src} has 2 classes and no images in them: expected train/<class>/"):
+        run(src, tmp_path / "out", Settings(), processes=1)
+    (src / "train" / "a" / "notes.jpg").write_text("not an image")
+    with pytest.raises(JobFailed, match=f"^every training image was rejected: see {tmp_path / 'out' / 'rejects.jsonl'}$"):
+        run(src, tmp_path / "out", Settings(), max_reject_fraction=1.0, processes=1)
+    assert not (tmp_path / "out" / "manifest.json").exists()

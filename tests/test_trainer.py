@@ -174,6 +174,10 @@ def test_a_short_run_writes_its_run_folder(shards, tmp_path):
 
     other = train(shards, out, "--epochs", 2, "--batch-size", 4, "--resume", check=False)
     assert other.returncode == 2 and "was trained with --batch-size 8, not 4" in other.stderr
+    (out / "config.json").write_text('{"batch_size": 8,')
+    other = train(shards, out, "--epochs", 2, "--batch-size", 8, "--resume", check=False)
+    assert other.returncode == 2 and f"--resume: {out / 'config.json'} is damaged (" in other.stderr
+    assert "Traceback" not in other.stderr
 
 
 def evaluate(checkpoint, shards, *args) -> str:

@@ -92,7 +92,11 @@ def refusal(config: Config) -> str | None:
     if config.resume and not kept:
         return f"--resume: {out} has no {checkpoint.CHECKPOINT} to continue from: start the run without --resume"
     if config.resume and (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text())
+        try:
+            saved = json.loads((out / "config.json").read_text())
+        except ValueError as e:
+            return (f"--resume: {out / 'config.json'} is damaged ({e}): delete it to resume with the flags given "
+                    f"(the same --batch-size, --seed, --augment, --inputs, --gpus and --shards as before)")
         # what the saved state depends on; the number of workers may change
         for key in ("batch_size", "seed", "augment", "inputs", "gpus_per_worker"):
             if saved.get(key, getattr(config, key)) != getattr(config, key):
