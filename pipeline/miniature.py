@@ -176,9 +176,12 @@ def main(argv=None):
         p.error("--classes must be at least 2 and --scale positive")
     from pipeline.progress import bar
 
-    with bar(total=args.classes, desc="classes", unit="class") as progress:
-        mini = write(args.out, args.form, args.classes, args.scale, args.seed,
-                     progress=lambda done, _: progress.update(done - progress.n))
+    try:
+        with bar(total=args.classes, desc="classes", unit="class") as progress:
+            mini = write(args.out, args.form, args.classes, args.scale, args.seed,
+                         progress=lambda done, _: progress.update(done - progress.n))
+    except OSError as e:  # --out a file, a full disk, a forbidden place
+        p.exit(2, f"miniature: cannot write into --out {args.out}: {e.strerror or e}\n")
     print(f"{args.out}: {sum(mini.train):,} train and {len(mini.val):,} val images in {args.classes:,} classes, "
           f"as {args.form}")
 

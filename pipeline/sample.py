@@ -53,7 +53,10 @@ def main(argv=None):
     if (Path(args.out) / "train").exists():
         print(f"sample: {args.out} already holds a tree; kept")
         return 0
-    counts = write_digits(args.out, args.val_fraction, args.per_class)
+    try:
+        counts = write_digits(args.out, args.val_fraction, args.per_class)
+    except OSError as e:  # --out a file, a full disk, a forbidden place
+        p.exit(2, f"sample: cannot write into --out {args.out}: {e.strerror or e}\n")
     print(f"sample: {counts['train']} train and {counts['val']} val images of 10 digits in {args.out}")
     return 0
 

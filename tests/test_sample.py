@@ -1,8 +1,13 @@
 """python -m pipeline.sample: scikit-learn's digits as an ImageNet-style tree."""
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
+import pytest
 from sklearn.datasets import load_digits
+
+from conftest import REPO
 
 from pipeline.images import decode_square, read_bytes
 from pipeline.sample import write_digits
@@ -26,3 +31,13 @@ def test_digits_tree_is_a_stratified_split_of_all_scans(tmp_path):
         if path.suffix != ".jpg":  # lossless: the scan itself, 0..16 -> 0..255
             expected = np.round(scans[int(path.stem)] / 16 * 255)
             assert np.abs(rgb[..., 0].astype(float) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("module", ["pipeline.sample", "pipeline.miniature"])
+def test_an_out_that_is_a_file_is_said_in_one_line(tmp_path, module):
+    out = tmp_path / "a-file"
+    out.write_text("")
+    result = subprocess.run([sys.executable, "-m", module, "--out", str(out)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"{module.split('.')[1]}: cannot write into --out {out}: ")
