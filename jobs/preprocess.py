@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from pipeline.lock import FolderLock, LockHeld  # noqa: E402
 from pipeline.preprocess import JobFailed, Settings, run  # noqa: E402
 from pipeline.progress import bar  # noqa: E402
+from pipeline.tasks import unreachable  # noqa: E402
 
 log = logging.getLogger("preprocess")
 
@@ -92,6 +93,10 @@ def main(argv=None):
 
     settings = Settings(size=args.size, quality=args.quality, shard_size=args.shard_size,
                         seed=args.seed, max_pixels=args.max_pixels)
+    problem = args.address and unreachable(args.address)
+    if problem:
+        log.error("%s", problem)
+        return 1
     lock = FolderLock(args.out)
     try:
         lock.acquire()  # before Ray starts: a second run on --out refuses at once
@@ -111,7 +116,7 @@ def main(argv=None):
                            args.val_fraction, progress=Progress(), lock=lock)
         finally:
             ray.shutdown()
-    except JobFailed as e:
+    except (JobFailed, ConnectionError) as e:  # ConnectionError: --address auto with no Ray running here
         log.error("%s", e)
         return 1
     finally:

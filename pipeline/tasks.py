@@ -1,9 +1,25 @@
 """The preprocessing job's work, spread: as Ray tasks of one CPU each on the cluster this process is
 connected to, or on a pool of processes of this machine (trainer.gpu_check makes its shards so)."""
+import socket
 
 
 class JobFailed(Exception):
     """The job ran but its result must not be used; the message says why and what to do."""
+
+
+def unreachable(address, timeout=10) -> str | None:
+    """Why no Ray cluster can be reached at `address` (its GCS's "host:port"), or None. ray.init waits on
+    such an address for minutes and says nothing useful; this says it at once. Other forms ("auto",
+    "ray://host:port") are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if not host or "://" in address or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        return (f"no Ray cluster answers at {address} ({e.strerror or e}): start one there (`ray start --head`), "
+                f"or correct --address or $RAY_ADDRESS")
+    return None
 
 
 def parallel(fn, calls, processes=None):

@@ -422,3 +422,9 @@ def test_a_tree_without_usable_images_is_said_in_one_line(tmp_path):
     with pytest.raises(JobFailed, match=f"^every training image was rejected: see {tmp_path / 'out' / 'rejects.jsonl'}$"):
         run(src, tmp_path / "out", Settings(), max_reject_fraction=1.0, processes=1)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_an_address_where_no_ray_answers_is_said_at_once(tmp_path):
+    result = preprocess(tmp_path, tmp_path / "out", address="127.0.0.1:1", check=False)  # said before any scan
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no Ray cluster answers at 127.0.0.1:1 (Connection refused): start one there" in result.stderr

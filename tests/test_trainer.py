@@ -249,6 +249,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pa
     (["--shards", "SHARDS", "--lr-factor", "10"], "--lr-factor must be below 1, not 10.0"),
     (["--shards", "SHARDS", "--dropout", "1"], "--dropout must be below 1, not 1.0"),
     (["--shards", "SHARDS", "--out", "README.md"], "cannot write into --out " + str(REPO / "README.md") + ": it is a file"),
+    (["--shards", "SHARDS", "--workers", "2", "--address", "127.0.0.1:1"],
+     "no Ray cluster answers at 127.0.0.1:1 (Connection refused): start one there"),
     (["--shards", "SHARDS", "--workers", "3"], "--batch-size 128 is the global batch and must split evenly over 3"),
     (["--shards", "SHARDS", "--workers", "64"], "64 workers with {'CPU': 1} each do not fit in the cluster's"),
 ])

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.lock import FolderLock, LockHeld
+from pipeline.tasks import unreachable
 from trainer import checkpoint
 from trainer.config import Config
 from trainer.loop import train
@@ -140,7 +141,15 @@ def ray_train(config: Config) -> int:
     from ray.train.torch import TorchTrainer
 
     if address:
-        ray.init(address=address)
+        problem = unreachable(address)
+        if problem:
+            log.error("%s", problem)
+            return 2
+        try:
+            ray.init(address=address)
+        except ConnectionError as e:  # "auto" with no Ray running here
+            log.error("%s", e)
+            return 2
     else:
         ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
     try:
