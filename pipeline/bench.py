@@ -27,6 +27,7 @@ from pipeline.tasks import JobFailed
 # what a user's shards, tree or install can raise: said in one line (exit status 2), not as a traceback
 USER_ERRORS = (ShardDirError, JobFailed, ValueError, ImportError)
 
+
 def table(rows, title):
     width = max(len(name) for name, _ in rows)
     lines = [title, "-" * len(title)] + [f"{name:<{width}}  {value}" for name, value in rows]
