@@ -433,6 +433,7 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_it_taken(shards, tree,
     result = train(shards, out, "--epochs", 4, *args, "--resume", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{latest} is damaged" in result.stderr and "nothing to resume from; train again in a new --out" in result.stderr
+    assert f"{latest} is damaged (not a checkpoint's pickle: " in result.stderr and "weights_only" not in result.stderr
 
 
 def test_help_says_what_each_flag_does_its_default_and_choices():

@@ -135,9 +135,12 @@ def damaged(path, why) -> str:
 
 
 def reason(error: BaseException) -> str:
-    """The first line of an error, short."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text[:200]
+    """The first line of an error, short. torch.load's for a pickle it refuses begins with advice to load
+    it unsafely (weights_only=False), which is not for a damaged file: its unpickler's words instead."""
+    text = str(error).strip()
+    if "WeightsUnpickler error:" in text:
+        text = "not a checkpoint's pickle: " + text.split("WeightsUnpickler error:", 1)[1].strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
 def nbytes(state) -> int:
