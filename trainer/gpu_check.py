@@ -37,6 +37,16 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+LIMIT_S = 300  # for each subprocess (the gpu tests, each training run): the report must end
+
+
+def measured(figure, *args, **kwargs):
+    """figure(*args, **kwargs), or the row's reason when it fails: a GPU step that breaks is a finding
+    of the report, not its end (GPU time comes in short stretches)."""
+    try:
+        return figure(*args, **kwargs)
+    except Exception as e:
+        return f"failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def environment() -> dict:
@@ -88,7 +98,7 @@ def pipeline_rows(shards, gpu, batch_sizes, seconds, cores) -> list:
     rows = []
 
     def train_pipeline(**options):
-        return loader_rate(str(shards), options.pop("device", device), batch, seconds, **options)
+        return measured(loader_rate, str(shards), options.pop("device", device), batch, seconds, **options)
 
     try:
         importlib.import_module("webdataset")  # the baseline's alone: a GPU machine may have torch and DALI only
@@ -96,7 +106,9 @@ def pipeline_rows(shards, gpu, batch_sizes, seconds, cores) -> list:
     except ImportError:
         baseline = False
     for batch in batch_sizes:
-        figures = bench_loader(str(shards), device, batch, seconds, cores, rounds=1, baseline=baseline)  # in 8 minutes
+        figures = measured(bench_loader, str(shards), device, batch, seconds, cores, rounds=1, baseline=baseline)
+        if isinstance(figures, str):  # every figure of the three failed with it
+            figures = {"decode_only": figures, "train_pipeline": figures, "baseline": figures}
         rows += [("decode_only", batch, figures["decode_only"]), ("train_pipeline", batch, figures["train_pipeline"]),
                  ("baseline (webdataset + Pillow)", batch, figures.get("baseline", "webdataset is not installed"))]
         rows.append(("cpu_decode", batch, train_pipeline(device="cpu") if gpu else "no GPU: train_pipeline is it"))
@@ -116,24 +128,22 @@ def model_rows(gpu, batch_sizes, seconds) -> list:
     rows = []
     for batch in batch_sizes:
         rows.append(("model: bf16, channels_last, eager" if gpu else "model: fp32, eager", batch,
-                     model_rate(device, batch, seconds)))
+                     measured(model_rate, device, batch, seconds)))
     batch = batch_sizes[0]
     if not gpu:
         return rows + [(name, batch, "no GPU") for name in (
             "model: cudnn.benchmark off", "model: fp32, TF32", "model: fp32, no TF32", "model: torch.compile",
             "model: CUDA graphs (compile reduce-overhead)")]
     torch.backends.cudnn.benchmark = False
-    rows.append(("model: cudnn.benchmark off", batch, model_rate(device, batch, seconds)))
+    rows.append(("model: cudnn.benchmark off", batch, measured(model_rate, device, batch, seconds)))
     torch.backends.cudnn.benchmark = True
     for tf32 in (True, False):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-        rows.append((f"model: fp32, {'TF32' if tf32 else 'no TF32'}", batch, model_rate(device, batch, seconds, bf16=False)))
+        rows.append((f"model: fp32, {'TF32' if tf32 else 'no TF32'}", batch,
+                     measured(model_rate, device, batch, seconds, bf16=False)))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     for mode, name in (("default", "model: torch.compile"), ("reduce-overhead", "model: CUDA graphs (compile reduce-overhead)")):
-        try:
-            rows.append((name, batch, model_rate(device, batch, seconds, compile_mode=mode)))
-        except Exception as e:  # a compiler that fails here is a finding, not the end of the report
-            rows.append((name, batch, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+        rows.append((name, batch, measured(model_rate, device, batch, seconds, compile_mode=mode)))
     return rows
 
 
@@ -146,8 +156,12 @@ def training_rows(shards, folder, gpu, steps, batch) -> list:
                "--steps-per-epoch", str(steps), "--batch-size", str(batch), "--no-ten-crop", "--no-verify-shards",
                "--log-every", str(max(1, steps // 4)), "--gpus", str(gpus), "--checkpoint-minutes", "1000"]
         started = time.perf_counter()
-        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         name = f"training, {steps} steps, --gpus {gpus}" + ("" if gpu else " (CPU)")
+        try:
+            result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=LIMIT_S)
+        except subprocess.TimeoutExpired:
+            rows.append((name, batch, f"failed: still running after {LIMIT_S} s"))
+            continue
         if result.returncode:
             rows.append((name, batch, f"failed ({result.returncode}): {result.stderr.strip().splitlines()[-1][:200]}"))
             continue
@@ -160,8 +174,11 @@ def training_rows(shards, folder, gpu, steps, batch) -> list:
 
 
 def gpu_tests() -> dict:
-    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
-                            cwd=REPO, capture_output=True, text=True)
+    try:
+        result = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
+                                cwd=REPO, capture_output=True, text=True, timeout=LIMIT_S)
+    except subprocess.TimeoutExpired as e:
+        return {"exit_status": None, "tail": f"still running after {LIMIT_S} s: {(e.stdout or b'')[-3000:]!r}"}
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", result.stdout)}
     return {"exit_status": result.returncode, **counts, "tail": (result.stdout + result.stderr)[-3000:]}
 
@@ -202,22 +219,28 @@ def main(argv=None):
         p.exit(2, f"gpu-check: cannot write into --out {folder}: {e.strerror or e}\n")
     if gpu:
         torch.backends.cudnn.benchmark = True  # the trainer's input shape is fixed
+    started = time.perf_counter()
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "gpu": gpu, "environment": environment()}
     print(f"gpu-check: {report['environment']['gpus'][0]}, {cores} cores, into {folder}", flush=True)
+    report["rows"] = []
+
+    def save():  # after each section: a run cut short still leaves what it measured
+        first = {name: value for name, batch, value in report["rows"] if batch == batch_sizes[0]}
+        pipe, model = first.get("train_pipeline"), first.get("model: bf16, channels_last, eager" if gpu else "model: fp32, eager")
+        report["headline"] = f"{pipe / model:.2f}" if isinstance(pipe, float) and isinstance(model, float) else "not measured"
+        (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        (folder / "report.md").write_text(markdown(report))
+
     if args.tests:
         report["gpu_tests"] = gpu_tests()
     shards = make_shards(folder, images, processes=cores)
-    rows = pipeline_rows(shards, gpu, batch_sizes, seconds, cores)
-    rows += model_rows(gpu, batch_sizes, seconds)
-    rows += training_rows(shards, folder, gpu, steps, batch_sizes[0])
-    report["rows"] = rows
-    first = {name: value for name, batch, value in rows if batch == batch_sizes[0]}
-    model = first["model: bf16, channels_last, eager" if gpu else "model: fp32, eager"]
-    report["headline"] = f"{first['train_pipeline'] / model:.2f}"
-    (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    text = markdown(report)
-    (folder / "report.md").write_text(text)
-    print(text)
+    for section in (lambda: pipeline_rows(shards, gpu, batch_sizes, seconds, cores),
+                    lambda: model_rows(gpu, batch_sizes, seconds),
+                    lambda: training_rows(shards, folder, gpu, steps, batch_sizes[0])):
+        report["rows"] += section()
+        save()
+        print(f"gpu-check: {len(report['rows'])} rows, {time.perf_counter() - started:.0f} s", flush=True)
+    print(markdown(report))
     return 0
 
 
