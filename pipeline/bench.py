@@ -111,7 +111,8 @@ def bench_loader(shards, device, batch_size, seconds, cores, rounds=3, baseline=
     def decode():
         jpg = fn.readers.webdataset(paths=tars, index_paths=[str(Path(shards) / e["index"]) for e in entries],
                                     ext=["jpg"], missing_component_behavior="error", random_shuffle=True)
-        return fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        return fn.decoders.image(jpg, output_type=types.RGB,
+                                 **({"device": "mixed", "jpeg_fancy_upsampling": True} if gpu else {"device": "cpu"}))
 
     pipe = decode()
     pipe.build()

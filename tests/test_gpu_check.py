@@ -29,7 +29,7 @@ def test_the_report_holds_every_section_and_the_table_says_what_the_json_holds(t
     names = [name for name, _, _ in report["rows"]]
     for wanted in ("decode_only", "train_pipeline", "cpu_decode", "train_pipeline, 1 DALI threads",
                    "train_pipeline, hw_decoder_load 0.0", "model: torch.compile",
-                   "model: CUDA graphs (compile reduce-overhead)", "training, 2 steps, --gpus 1 (CPU)"):
+                   "model: CUDA graphs (compile reduce-overhead)", "training, first epoch (2 steps), --gpus 1 (CPU)"):
         assert wanted in names, (wanted, names)
     rows = {name: value for name, _, value in report["rows"]}
     assert rows["model: torch.compile"] == "no GPU"  # without CUDA, its CUDA rows say so
@@ -42,6 +42,6 @@ def test_the_report_holds_every_section_and_the_table_says_what_the_json_holds(t
     for name, batch, value in report["rows"]:  # each row of the JSON is a row of the table
         shown = f"{value:,.0f}" if isinstance(value, float) else value
         assert f"| {name} | {batch} | {shown} |" in table, name
-    assert re.search(r"\| training, data wait \(share of step time\), --gpus 1 \| 8 \| \d+\.\d%", table)
+    assert re.search(r"\| training, data wait \(share of step time\), last epoch, --gpus 1 \| 8 \| \d+\.\d%", table)
     shards = json.loads((tmp_path / "report" / "shards" / "manifest.json").read_text())
     assert shards["splits"]["train"]["samples"] + shards["splits"]["val"]["samples"] == 48

@@ -256,7 +256,7 @@ def test_torchrun_on_every_gpu_with_nccl(local_shards, tmp_path):
     # torchrun by its module: a GPU machine's python may keep its scripts off PATH and away from sys.executable
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", gpus, "-m",
            "trainer.run", "--shards", local_shards, "--out", out, "--epochs", 1, "--batch-size", 4 * gpus,
-           "--steps-per-epoch", 2, "--log-every", 1]
+           "--steps-per-epoch", 2, "--log-every", 1, "--no-compile"]  # NCCL's test: compiling would take a minute
     result = subprocess.run([*map(str, cmd)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [m["workers"] for m in metrics(out, "step")] == [gpus, gpus]

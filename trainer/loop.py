@@ -60,6 +60,7 @@ class Trainer:
         self.model = AlexNet(self.classes, dropout=config.dropout, init=config.init, devices=devices)
         if gpu:
             self.model = self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # the input shape is fixed: cuDNN times its kernels once
         if self.ranks.rank:  # the same initial weights everywhere (DDP checks), a dropout stream of each rank's own
             torch.manual_seed(config.seed + self.ranks.rank)
         params = self.model.parameters()
@@ -78,6 +79,12 @@ class Trainer:
         # DDP: gradients averaged over the replicas during backward; a module over two GPUs works too
         self.net = (nn.parallel.DistributedDataParallel(self.model, gradient_as_bucket_view=True)  # no copy into buckets
                     if self.ranks.world > 1 else self.model)
+        if gpu and config.compile and len(set(devices)) == 1:  # compiled at the first step; eval stays eager
+            # static shapes: an epoch's partial last batch adds one graph, once, and the full batch keeps its own
+            self.net = torch.compile(self.net, dynamic=False)
+            if self.ranks.master:
+                log.info("the model is compiled at its first step and at the first partial batch (about a minute "
+                         "each on an H100); --no-compile runs it eager")
         self.loader_options = dict(device=self.device, channels_last=gpu, rank=self.ranks.rank,
                                    world_size=self.ranks.world, dtype=torch.bfloat16 if gpu else torch.float32,
                                    normalisation=self.about["normalisation"],
