@@ -3,7 +3,7 @@
     python -m trainer.bench --shards DIR [--device cuda:0] [--batch-size 128] [--plot bench.png]
 
   model    the trainer's AlexNet forward+backward (one SGD step) on synthetic batches of the same size,
-           bf16 autocast on CUDA
+           on CUDA as the trainer runs it: bf16 autocast, channels_last, torch.compile
   verdict  train_pipeline / model: at 1 or more the GPUs (or cores) never wait on data
 
 It lives here, not in pipeline/, because it needs the model: the pipeline never imports the trainer.
@@ -57,7 +57,8 @@ def main(argv=None):
         figures = bench_loader(args.shards, device, args.batch_size, args.seconds, args.cores, args.rounds)
     except USER_ERRORS as e:
         p.exit(2, f"bench: {e}\n")
-    figures["model"] = model_rate(device, args.batch_size, args.seconds)
+    gpu = torch.device(device).type == "cuda"
+    figures["model"] = model_rate(device, args.batch_size, args.seconds, compile_mode="default" if gpu else None)
     feed = figures["train_pipeline"] / figures["model"]
     rows = loader_rows(figures) + [
         ("model", f"{figures['model']:9,.0f} img/s  AlexNet forward+backward, batch {args.batch_size}")]
