@@ -43,5 +43,6 @@ def test_the_report_holds_every_section_and_the_table_says_what_the_json_holds(t
         shown = f"{value:,.0f}" if isinstance(value, float) else value
         assert f"| {name} | {batch} | {shown} |" in table, name
     assert re.search(r"\| training, data wait \(share of step time\), last epoch, --gpus 1 \| 8 \| \d+\.\d%", table)
+    assert re.search(r"\| training, data wait by quarter of the last epoch, --gpus 1 \| 8 \| \d+\.\d% / \d+\.\d% \|", table)
     shards = json.loads((tmp_path / "report" / "shards" / "manifest.json").read_text())
     assert shards["splits"]["train"]["samples"] + shards["splits"]["val"]["samples"] == 48
