@@ -461,3 +461,21 @@ def test_paths_are_absolute_and_refused_relative_inside_a_ray_job(tmp_path, monk
         parse_args(["--shards", "/data/shards", "--out", "runs/a"])
     assert stopped.value.code == 2
     assert "--out runs/a is relative to the job's copy of the working dir, which Ray deletes" in capsys.readouterr().err
+
+
+def test_a_model_that_does_not_compile_runs_eager_after_one_warning(monkeypatch, caplog):
+    """Where torch.compile fails (an old GPU, no C compiler for Triton), the trainer's step runs eager.
+    Planted: a C++ compiler that is not there, which inductor needs on the CPU as Triton needs its C one."""
+    import torch._inductor.config
+
+    from trainer.loop import Compiled
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
+    net, x = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU()), torch.randn(3, 4)  # a kernel to generate
+    step = Compiled(net)
+    with caplog.at_level("WARNING", logger="trainer"):
+        outputs = [step(x), step(x)]
+    assert all(torch.equal(out, net(x)) for out in outputs) and step.compiled is None
+    warnings = [r.getMessage() for r in caplog.records if r.name == "trainer"]
+    assert len(warnings) == 1 and re.match(r"torch\.compile failed \(.*InvalidCxxCompiler.*\): the model runs eager",
+                                           warnings[0]), warnings

@@ -26,6 +26,27 @@ from trainer.stop import StopRequest
 log = logging.getLogger("trainer")
 
 
+class Compiled:
+    """net under torch.compile, static shapes (an epoch's partial last batch adds one graph, once, and the
+    full batch keeps its own). Where compiling fails (a GPU too old for Triton, no C compiler for its
+    launcher), that is said in one line and net runs eager from then on: the failure comes while
+    compiling, before the step ran."""
+
+    def __init__(self, net, warn=True):
+        self.net, self.compiled, self.warn = net, torch.compile(net, dynamic=False), warn
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                if self.warn:
+                    log.warning("torch.compile failed (%s): the model runs eager; --no-compile skips the attempt",
+                                (str(e).strip().splitlines() or [type(e).__name__])[0][:300])
+                self.compiled = None
+        return self.net(*args)
+
+
 class Trainer:
     """One training run: model, optimiser, loaders, and the run folder they report to.
 
@@ -80,8 +101,7 @@ class Trainer:
         self.net = (nn.parallel.DistributedDataParallel(self.model, gradient_as_bucket_view=True)  # no copy into buckets
                     if self.ranks.world > 1 else self.model)
         if gpu and config.compile and len(set(devices)) == 1:  # compiled at the first step; eval stays eager
-            # static shapes: an epoch's partial last batch adds one graph, once, and the full batch keeps its own
-            self.net = torch.compile(self.net, dynamic=False)
+            self.net = Compiled(self.net, warn=self.ranks.master)
             if self.ranks.master:
                 log.info("the model is compiled at its first step and at the first partial batch (about a minute "
                          "each on an H100); --no-compile runs it eager")
