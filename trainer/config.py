@@ -39,7 +39,7 @@ class Config:
     fancy_pca_sigma: float = 0.1  # std of Fancy PCA's per-image alpha (section 4.1)
     device: str = ""  # cpu or cuda; default cuda if present
     gpus_per_worker: int = 1  # (also --gpus) 2: tower 0 on the first GPU, tower 1 on the second (section 3.2)
-    compile: bool = True  # torch.compile the training step's model on CUDA with --gpus 1 (AlexNet's step 2x faster on an H100, gpu-check measures it); eager on the CPU
+    compile: bool = True  # torch.compile the training step's model on CUDA with --gpus 1 (AlexNet's step 1.8x faster on an H100, gpu-check measures it); eager on the CPU
     workers: int = 0  # data-parallel replicas on Ray Train; 0: this process alone (torchrun sets its own)
     cpus_per_worker: int = 0  # CPU cores of a worker (Ray Train, torchrun): its torch and DALI threads; 0: the node's cores divided by its workers (a Ray Train worker then asks Ray for 1)
     address: str = ""  # the Ray cluster for --workers; default $RAY_ADDRESS, else a private Ray on 127.0.0.1
