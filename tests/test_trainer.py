@@ -254,10 +254,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pa
     (["--shards", "SHARDS", "--workers", "3"], "--batch-size 128 is the global batch and must split evenly over 3"),
     (["--shards", "SHARDS", "--workers", "64"], "64 workers with {'CPU': 1} each do not fit in the cluster's"),
 ])
-def test_refuses_bad_input_with_a_message(shards, args, message):
-    args = [str(shards) if a == "SHARDS" else a for a in args]
+def test_refuses_bad_input_with_a_message(shards, args, message, tmp_path):
+    out = tmp_path / "run"
+    args = [str(shards) if a == "SHARDS" else a for a in args] + ([] if "--out" in args else ["--out", str(out)])
     result = subprocess.run([sys.executable, "-m", "trainer.run", *args], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and message in result.stderr
+    assert not out.exists()  # a refused run leaves no run folder behind, even one Ray refused
 
 
 def flip_jpeg_bytes(tar, count=5):

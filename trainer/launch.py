@@ -62,7 +62,8 @@ def launch(config: Config) -> int:
 @contextlib.contextmanager
 def run_folder(config: Config):
     """Hold the run folder's lock for the run's life; yields why the run cannot go ahead there, or None.
-    A folder made only to be refused is removed again."""
+    A folder it made that the run left empty (refused, or stopped before its first file: no Ray cluster
+    at --address, too few CPUs) is removed again."""
     out = Path(config.out)
     made = not out.exists()
     lock = FolderLock(out, " ".join(sys.argv))
@@ -74,13 +75,11 @@ def run_folder(config: Config):
     except OSError as e:  # a file, a read-only or forbidden place
         yield f"cannot write into --out {out}: {'it is a file' if out.is_file() else e.strerror or e}"
         return
-    problem = None
     try:
-        problem = refusal(config)
-        yield problem
+        yield refusal(config)
     finally:
         lock.release()
-        if problem and made and not any(out.iterdir()):
+        if made and not any(out.iterdir()):
             out.rmdir()
 
 
