@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.checkpoint import reason
+
 REPO = Path(__file__).resolve().parent.parent
 LIMIT_S = 300  # for each subprocess (the gpu tests, each training run): the report must end
 
@@ -47,7 +49,7 @@ def measured(figure, *args, **kwargs):
     try:
         return figure(*args, **kwargs)
     except Exception as e:
-        return f"failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        return f"failed: {type(e).__name__}: {reason(e)}"
 
 
 def environment() -> dict:
@@ -187,7 +189,8 @@ def training_rows(shards, folder, gpu, steps, batch) -> list:
             continue
         with open(out / "metrics.jsonl") as f:
             metrics = [json.loads(line) for line in f]
-        first, *_, last = [m for m in metrics if m["kind"] == "epoch"] * 2  # one epoch: first is last
+        epoch_figures = [m for m in metrics if m["kind"] == "epoch"]
+        first, last = epoch_figures[0], epoch_figures[-1]
         windows = [m for m in metrics if m["kind"] == "step" and m["epoch"] == last["epoch"]]
         rows += [(name, batch, first["img_s"]),
                  (f"training, last epoch, {label}", batch, last["img_s"]),
@@ -253,8 +256,8 @@ def main(argv=None):
     def save():  # after each section: a run cut short still leaves what it measured
         first = {name: value for name, batch, value in report["rows"] if batch == batch_sizes[0]}
         pipe, model = first.get("train_pipeline"), first.get("model: torch.compile" if gpu else "model: fp32, eager")
-        measured = isinstance(pipe, float) and isinstance(model, float)
-        report["headline"] = f"{pipe / model:.2f}" if measured else "not measured"
+        both = isinstance(pipe, float) and isinstance(model, float)
+        report["headline"] = f"{pipe / model:.2f}" if both else "not measured"
         (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         (folder / "report.md").write_text(markdown(report))
 

@@ -42,7 +42,7 @@ class Compiled:
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 if self.warn:
                     log.warning("torch.compile failed (%s): the model runs eager; --no-compile skips the attempt",
-                                (str(e).strip().splitlines() or [type(e).__name__])[0][:300])
+                                checkpoint.reason(e))
                 self.compiled = None
         return self.net(*args)
 
