@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -35,6 +36,18 @@ def start(shards, out, *args, env=None):
         job = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                env={**os.environ, **(env or {})})
     return job, log
+
+
+def held(pid):
+    """Whether every thread of pid has stopped: SIGSTOP takes effect as each thread leaves its system call, so
+    a write under way when it is sent still lands after send_signal returns."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            states.append(Path(task, "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return all(state == "T" for state in states)
 
 
 def kill_group(job):
@@ -318,6 +331,7 @@ def test_a_run_holds_its_folder_and_a_sigterm_stops_it_with_a_checkpoint_that_re
     try:
         wait_for(lambda: "epoch 1 step 1/6" in log.read_text() or job.poll() is not None, timeout=300)
         job.send_signal(signal.SIGSTOP)  # held where it is while a second trainer tries its folder: no race
+        wait_for(lambda: held(job.pid), timeout=30)
         before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
         for args in ([], ["--resume"]):
             second = train(shards, out, *STEPS, *args, check=False)
