@@ -3,7 +3,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -38,17 +37,18 @@ def test_damage_is_named(shards, tmp_path, damage, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_checksums_are_remembered_until_a_file_changes(shards, tmp_path):
+def test_checksums_are_remembered_until_a_file_changes(shards, tmp_path, monkeypatch):
     from pipeline.manifest import ShardDirError, read_manifest
-    from pipeline.verify import SETTLED_S, verify_checksums
+    from pipeline.verify import verify_checksums
 
     folder = tmp_path / "copy"
     shutil.copytree(shards, folder)
     manifest = read_manifest(folder)
     files = 2 * sum(len(manifest["splits"][s]["shards"]) for s in ("train", "val"))  # a tar and an idx each
+    monkeypatch.setattr("pipeline.verify.SETTLED_S", 3600)  # files changed within the hour: too fresh to remember
     assert verify_checksums(folder, manifest) == {"hashed": files, "remembered": 0}
-    assert verify_checksums(folder, manifest) == {"hashed": files, "remembered": 0}  # too fresh to remember
-    time.sleep(SETTLED_S + 0.1)
+    assert verify_checksums(folder, manifest) == {"hashed": files, "remembered": 0}
+    monkeypatch.setattr("pipeline.verify.SETTLED_S", 0)  # settled as soon as they are older than the check
     assert verify_checksums(folder, manifest) == {"hashed": files, "remembered": 0}
     assert verify_checksums(folder, manifest) == {"hashed": 0, "remembered": files}
 
