@@ -4,11 +4,13 @@
     python -m pipeline.bench --shards DIR    # the input pipeline beside its ceiling and a hand-written one
     python -m trainer.bench --shards DIR     # the same, and whether it can feed the model (needs the model)
 
-Figures are images per second. `--json FILE` writes the same figures as JSON, `--plot FILE` draws
+Figures are images per second, and CPU time an image. `--json FILE` writes the same figures as JSON, `--plot FILE` draws
 them as a bar chart (PNG). For --shards:
   decode_only     DALI's decode of every training image to RGB uint8, nothing else: the ceiling
   train_pipeline  build_loader(crops="random") on the device, tensors handed over; measured in turn with
                   decode_only, --rounds times each, so that their ratio is not this machine's drift
+  CPU an image    the CPU time of each (the process's, all threads): decode_only's / train_pipeline's is
+                  the ratio of their work; where it is above the img/s ratio, the pipeline left cores idle
   baseline        what a user writes today: webdataset + Pillow crop/flip/Fancy PCA/normalise in a
                   torch DataLoader with one worker per core
 """
@@ -73,15 +75,22 @@ def bench_preprocess(src, cores, sample=2000, seed=0):
             "ratio_to_cores_x_single": job / (cores * single)}
 
 
-def rate(batches, seconds, warmup=2):
-    """images/s over an endless iterable of batch sizes, after `warmup` batches, for >= `seconds`."""
+def measure(batches, seconds, warmup=2) -> tuple[float, float]:
+    """(images/s, CPU us an image) over an endless iterable of batch sizes, after `warmup` batches, for
+    >= `seconds`. The CPU time is this process's, all its threads (DALI's and torch's included): steadier
+    than images/s on a machine whose speed drifts, and beside it, how busy the cores were."""
     it = iter(batches)
     for _ in range(warmup):
         next(it)
-    images, start = 0, time.perf_counter()
+    images, start, cpu_start = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         images += next(it)
-    return images / (time.perf_counter() - start)
+    return images / (time.perf_counter() - start), 1e6 * (time.process_time() - cpu_start) / images
+
+
+def rate(batches, seconds, warmup=2) -> float:
+    """images/s over an endless iterable of batch sizes, after `warmup` batches, for >= `seconds`."""
+    return measure(batches, seconds, warmup)[0]
 
 
 def _epochs(make_epoch):
@@ -125,12 +134,16 @@ def bench_loader(shards, device, batch_size, seconds, cores, rounds=3, baseline=
             yield len(out)
 
     decoded, trained = decoded_batches(), loader_batches(shards, device, batch_size, num_threads=cores)
-    pairs = [(rate(decoded, seconds), rate(trained, seconds)) for _ in range(rounds)]
+    pairs = [(measure(decoded, seconds), measure(trained, seconds)) for _ in range(rounds)]  # ((img/s, CPU us), ...)
     del decoded, trained, pipe
     figures = {"device": str(device), "batch_size": batch_size, "cores": cores, "rounds": rounds,
-               "decode_only": statistics.median(d for d, _ in pairs),
-               "train_pipeline": statistics.median(t for _, t in pairs),
-               "ratio": statistics.median(t / d for d, t in pairs)}
+               "decode_only": statistics.median(d for (d, _), _ in pairs),
+               "train_pipeline": statistics.median(t for _, (t, _) in pairs),
+               "ratio": statistics.median(t / d for (d, _), (t, _) in pairs),
+               # CPU time an image: the ratio of the work each does, whatever the machine's drift or idle cores
+               "decode_only_cpu_us": statistics.median(d for (_, d), _ in pairs),
+               "train_pipeline_cpu_us": statistics.median(t for _, (_, t) in pairs),
+               "cpu_ratio": statistics.median(d / t for (_, d), (_, t) in pairs)}
     if baseline:
         figures["baseline"] = rate(_epochs(lambda: (len(y) for _, y in _baseline(tars, read_pca(shards), batch_size,
                                                                                   cores))), seconds)
@@ -278,6 +291,8 @@ def loader_rows(f) -> list:
         ("decode_only", f"{f['decode_only']:9,.0f} img/s  DALI decode to RGB uint8, nothing else (the ceiling)"),
         ("train_pipeline", f"{f['train_pipeline']:9,.0f} img/s  build_loader(crops='random'): "
                            f"{f['ratio']:.2f} x decode_only (the median of {f['rounds']} rounds, each measured in turn)"),
+        ("CPU an image", f"{f['train_pipeline_cpu_us']:9,.0f} us     train_pipeline, against decode_only's "
+                         f"{f['decode_only_cpu_us']:,.0f} us: {f['cpu_ratio']:.2f} x the work (all the process's threads)"),
         ("baseline", f"{f['baseline']:9,.0f} img/s  webdataset + Pillow, DataLoader with {f['cores']} workers: "
                      f"train_pipeline is {f['train_pipeline'] / f['baseline']:.1f} x"),
     ]

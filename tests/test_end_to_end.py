@@ -40,6 +40,8 @@ def test_miniature_demo(tmp_path, ray_head):
         assert re.search(rf"{name} +{figures[name]:,.0f} img/s", log), (name, log)
     f = figures
     assert f"{f['ratio']:.2f} x decode_only (the median of 3 rounds" in log
+    assert re.search(rf"CPU an image +{f['train_pipeline_cpu_us']:,.0f} us +train_pipeline, against decode_only's "
+                     rf"{f['decode_only_cpu_us']:,.0f} us: {f['cpu_ratio']:.2f} x the work", log), log
     assert f"train_pipeline is {f['train_pipeline'] / f['baseline']:.1f} x" in log
     feed = figures["train_pipeline"] / figures["model"]
     verdict = f"the pipeline can feed the model: {feed:,.1f} x" if feed >= 1 else \
