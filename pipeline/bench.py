@@ -4,13 +4,14 @@
     python -m pipeline.bench --shards DIR    # the input pipeline beside its ceiling and a hand-written one
     python -m trainer.bench --shards DIR     # the same, and whether it can feed the model (needs the model)
 
-Figures are images per second, and CPU time an image. `--json FILE` writes the same figures as JSON, `--plot FILE` draws
-them as a bar chart (PNG). For --shards:
+Figures are images per second, and CPU time an image. `--json FILE` writes the same figures as JSON,
+`--plot FILE` draws them as a bar chart (PNG). For --shards:
   decode_only     DALI's decode of every training image to RGB uint8, nothing else: the ceiling
   train_pipeline  build_loader(crops="random") on the device, tensors handed over; measured in turn with
                   decode_only, --rounds times each, so that their ratio is not this machine's drift
   CPU an image    the CPU time of each (the process's, all threads): decode_only's / train_pipeline's is
                   the ratio of their work; where it is above the img/s ratio, the pipeline left cores idle
+                  (on a GPU, the host's share of the work alone)
   baseline        what a user writes today: webdataset + Pillow crop/flip/Fancy PCA/normalise in a
                   torch DataLoader with one worker per core
 """
