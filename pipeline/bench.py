@@ -135,16 +135,17 @@ def bench_loader(shards, device, batch_size, seconds, cores, rounds=3, baseline=
             yield len(out)
 
     decoded, trained = decoded_batches(), loader_batches(shards, device, batch_size, num_threads=cores)
-    pairs = [(measure(decoded, seconds), measure(trained, seconds)) for _ in range(rounds)]  # ((img/s, CPU us), ...)
+    # one row a round: decode_only's img/s and CPU us an image, then train_pipeline's
+    decode_rate, decode_cpu, train_rate, train_cpu = zip(*[(*measure(decoded, seconds), *measure(trained, seconds))
+                                                           for _ in range(rounds)])
     del decoded, trained, pipe
+    median = statistics.median
     figures = {"device": str(device), "batch_size": batch_size, "cores": cores, "rounds": rounds,
-               "decode_only": statistics.median(d for (d, _), _ in pairs),
-               "train_pipeline": statistics.median(t for _, (t, _) in pairs),
-               "ratio": statistics.median(t / d for (d, _), (t, _) in pairs),
+               "decode_only": median(decode_rate), "train_pipeline": median(train_rate),
+               "ratio": median(t / d for d, t in zip(decode_rate, train_rate)),
                # CPU time an image: the ratio of the work each does, whatever the machine's drift or idle cores
-               "decode_only_cpu_us": statistics.median(d for (_, d), _ in pairs),
-               "train_pipeline_cpu_us": statistics.median(t for _, (_, t) in pairs),
-               "cpu_ratio": statistics.median(d / t for (_, d), (_, t) in pairs)}
+               "decode_only_cpu_us": median(decode_cpu), "train_pipeline_cpu_us": median(train_cpu),
+               "cpu_ratio": median(d / t for d, t in zip(decode_cpu, train_cpu))}
     if baseline:
         figures["baseline"] = rate(_epochs(lambda: (len(y) for _, y in _baseline(tars, read_pca(shards), batch_size,
                                                                                   cores))), seconds)
