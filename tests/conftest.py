@@ -112,7 +112,7 @@ def fit(rank, shards, out, steps):
     from trainer.loop import Trainer
 
     trainer = Trainer(Config(shards=str(shards), out=str(out), batch_size=10, augment=False, dropout=0.0,
-                             init="torch", optimizer="adam", lr=1e-4, device="cpu", verify_shards=False))
+                             recipe="torch", optimizer="adam", lr=1e-4, device="cpu", verify_shards=False))
     losses = [trainer.train_step(*next(trainer.batches)).item() for _ in range(steps)]
     errors = {"centre": trainer.evaluate(trainer.val_loader), "ten": trainer.evaluate(trainer.ten_crop_loader(), True)}
     trainer.save()
@@ -168,7 +168,7 @@ def numpy_errors(checkpoint, shards) -> dict:
     crops = np.stack([[image[y:y + 227, x:x + 227, :][:, ::-1 if flip else 1] for flip in (0, 1) for x, y in corners]
                       for image in images])  # [N, 10, 227, 227, 3]
     x = ((crops - shift) / scale).astype(np.float32).transpose(0, 1, 4, 2, 3)
-    model = AlexNet(len(state["classes"]), init="torch").eval()
+    model = AlexNet(len(state["classes"]), recipe="torch").eval()
     model.load_state_dict(state["model"])
     with torch.no_grad():
         logits = model(torch.from_numpy(x).flatten(0, 1)).numpy().astype(np.float64).reshape(len(images), 10, -1)

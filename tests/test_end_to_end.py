@@ -27,7 +27,7 @@ def test_miniature_demo(tmp_path, ray_head):
                                                  shards, "--shard-size", 16, "--address", ray_head)
 
     log = run(sys.executable, "-m", "trainer.run", "--shards", shards, "--out", out, "--epochs", 1,
-              "--batch-size", 8, "--steps-per-epoch", 2, "--init", "torch", "--optimizer", "adam", "--lr", 1e-4,
+              "--batch-size", 8, "--steps-per-epoch", 2, "--recipe", "torch", "--optimizer", "adam", "--lr", 1e-4,
               "--no-ten-crop", "--log-every", 1)
     assert "epoch 1: train loss" in log and (out / "kernels.png").exists()
 

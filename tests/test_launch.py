@@ -109,7 +109,7 @@ def validate(rank, world, port, shards, checkpoint, out):
     rank 0 writes the errors from the summed counts."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        run = Trainer(Config(shards=str(shards), out=str(out), batch_size=4, init="torch", device="cpu",
+        run = Trainer(Config(shards=str(shards), out=str(out), batch_size=4, recipe="torch", device="cpu",
                              verify_shards=False))
         run.model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
         errors = {"centre": run.evaluate(run.val_loader), "ten": run.evaluate(run.ten_crop_loader(), ten_crop=True)}

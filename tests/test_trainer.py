@@ -88,7 +88,7 @@ def test_overfits_a_tiny_set_and_predict_names_what_the_checkpoint_computes(fitt
 
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["class_names"] == [f"hue {36 * i} degrees" for i in range(9)] + [""]
-    model = AlexNet(10, init="torch").eval()
+    model = AlexNet(10, recipe="torch").eval()
     model.load_state_dict(state["model"])
     mean, std = (np.array(state["normalisation"][k], np.float32) for k in ("mean", "std"))
     for image in images:
@@ -311,8 +311,8 @@ def test_shards_without_val_divide_the_lr_when_the_training_loss_stops_improving
     # an lr too small to move the weights (yet large enough that torch applies a tenth of it), no
     # momentum, dropout or augmentation: every epoch's training loss is the first one's (the same images
     # through the same net, in other batches), a plateau from epoch 2 on
-    result = train(tiny, out, "--epochs", 3, "--batch-size", 4, "--log-every", 1, "--lr", 1e-6, "--lr-patience", 0,
-                   "--init", "torch", "--momentum", 0, "--dropout", 0, "--no-augment")
+    result = train(tiny, out, "--epochs", 3, "--batch-size", 4, "--log-every", 1, "--lr", 1e-6, "--lr-patience", 1,
+                   "--recipe", "torch", "--momentum", 0, "--dropout", 0, "--no-augment")
     assert result.stderr.count("has no val split: training without validation") == 1
     assert "epoch 3: train loss" in result.stderr and "no val split" in result.stderr
     assert "ten-crop" not in result.stderr and "Traceback" not in result.stderr
@@ -320,7 +320,7 @@ def test_shards_without_val_divide_the_lr_when_the_training_loss_stops_improving
     assert [m["top1"] for m in epochs] == [None, None, None]
     losses = [m["train_loss"] for m in epochs]
     assert losses[1:] == pytest.approx(losses[:1] * 2, rel=5e-5)  # float32 rounding of other batchings: no
-    # improvement by ReduceLROnPlateau's measure (1e-4 relative)
+    # improvement by the schedule's measure for a loss (1e-4 relative)
     assert [m["lr"] for m in epochs] == pytest.approx([1e-6, 1e-7, 1e-8], rel=1e-9)  # divided on each plateau
 
 

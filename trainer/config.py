@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.loader import INPUTS
+from trainer.recipes import RECIPES
 
 @dataclass
 class Config:
@@ -30,10 +31,10 @@ class Config:
     momentum: float = 0.9  # SGD's momentum (section 5)
     weight_decay: float = 5e-4  # L2 weight decay (section 5)
     lr_factor: float = 0.1  # what the lr is multiplied by when the validation error stops improving (section 5)
-    lr_patience: int = 1  # epochs without a better validation error before the lr is divided
+    lr_patience: int = 2  # epochs in a row without a val error better than the best by more than its noise before the lr is cut (trainer/schedule.py)
     optimizer: str = "sgd"  # sgd (section 5) or adam (the demo's quick recipe)
-    init: str = "paper"  # paper (section 5: N(0, 0.01), biases 1 in conv2/4/5, fc6/7) or torch's own
-    inputs: str = ""  # raw: x - mean in 0-255 units, the paper's (section 2); standardised: (x/255 - mean)/std; default raw with --init paper, standardised with --init torch
+    recipe: str = "paper"  # the reference followed for the init, LRN and biases' lr and decay (trainer/recipes.py): paper (its text), cuda-convnet2 (Krizhevsky's released configs), caffe (bvlc_alexnet), torch (PyTorch's init)
+    inputs: str = ""  # raw: x - mean in 0-255 units, the paper's (section 2); standardised: (x/255 - mean)/std; default the recipe's: standardised with torch, raw with the others
     dropout: float = 0.5  # dropout probability in fc6 and fc7 (section 4.2)
     augment: bool = True  # random crops, flips, Fancy PCA (section 4.1); else centre crops
     fancy_pca_sigma: float = 0.1  # std of Fancy PCA's per-image alpha (section 4.1)
@@ -53,14 +54,14 @@ class Config:
     resume: bool = False  # continue from the run folder's checkpoint
 
     def __post_init__(self):
-        self.inputs = self.inputs or ("raw" if self.init == "paper" else "standardised")
+        self.inputs = self.inputs or (RECIPES[self.recipe].inputs if self.recipe in RECIPES else "")
 
 
-CHOICES = {"optimizer": ("sgd", "adam"), "init": ("paper", "torch"), "inputs": INPUTS, "device": ("cpu", "cuda"),
+CHOICES = {"optimizer": ("sgd", "adam"), "recipe": tuple(RECIPES), "inputs": INPUTS, "device": ("cpu", "cuda"),
            "gpus_per_worker": (1, 2)}
 AT_LEAST = {"epochs": 1, "batch_size": 1, "log_every": 1, "cpus_per_worker": 0, "workers": 0, "max_failures": 0,
             "steps_per_epoch": 0, "checkpoint_minutes": 0, "lr": 0, "momentum": 0, "weight_decay": 0,
-            "lr_factor": 0, "lr_patience": 0, "dropout": 0, "fancy_pca_sigma": 0}
+            "lr_factor": 0, "lr_patience": 1, "dropout": 0, "fancy_pca_sigma": 0}
 BELOW = {"lr_factor": 1, "dropout": 1}
 
 

@@ -22,13 +22,14 @@ log = logging.getLogger("evaluate")
 @torch.no_grad()
 def errors(model, loader, ten_crop=False, desc="val", progress=True) -> dict:
     """-> {"top1", "top5": error rates, "total", "wrong1", "wrong5": counts, "confused": Counter of
-    (true class, predicted class) over the top-1 mistakes}; ten-crop averages the softmax over 10 crops.
+    (true class, predicted class) over the top-1 mistakes, "predicted": [classes] bool tensor, the classes
+    some image's top-1 was}; ten-crop averages the softmax over 10 crops.
     progress: show a bar (one rank of several shows it)."""
     from pipeline.progress import bar
 
     model, first = model.eval(), model.devices[0]
     wrong1 = wrong5 = total = 0
-    confused = Counter()
+    confused, predicted = Counter(), None
     with bar(total=len(loader), desc=desc, unit="batch", leave=False, disable=not progress) as shown:
         for images, labels in loader:
             if not len(labels):  # one rank's share of the last batch may be empty
@@ -41,6 +42,9 @@ def errors(model, loader, ten_crop=False, desc="val", progress=True) -> dict:
                 else:  # scores: the logits (the softmax keeps their order)
                     scores = model(images).float()
             top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
+            if predicted is None:
+                predicted = torch.zeros(scores.shape[1], dtype=torch.bool, device=first)
+            predicted[top5[:, 0]] = True
             labels = labels.to(first)
             missed = top5[:, 0] != labels
             wrong1 += missed.sum().item()  # host sync: waits for the device
@@ -49,14 +53,15 @@ def errors(model, loader, ten_crop=False, desc="val", progress=True) -> dict:
             confused.update(map(tuple, torch.stack([labels, top5[:, 0]], 1)[missed].tolist()))
             shown.update(1)
     return {"top1": wrong1 / total, "top5": wrong5 / total, "total": total, "wrong1": wrong1, "wrong5": wrong5,
-            "confused": confused}
+            "confused": confused, "predicted": predicted}
 
 
 def load_checkpoint(path, device):
     """-> (AlexNet in eval mode on `device` with the checkpoint's weights, the checkpoint's dict);
     CheckpointError, one line saying what to do, for a damaged or missing one."""
     state = read(path)
-    model = AlexNet(len(state["classes"]), init="torch", devices=[device])
+    # the run's LRN: a checkpoint from before the recipes was the paper's
+    model = AlexNet(len(state["classes"]), recipe=state.get("recipe", "paper"), devices=[device])
     model.load_state_dict(state["model"])
     if torch.device(device).type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -96,9 +96,10 @@ def refusal(config: Config) -> str | None:
             saved = json.loads((out / "config.json").read_text())
         except ValueError as e:
             return (f"--resume: {out / 'config.json'} is damaged ({e}): delete it to resume with the flags given "
-                    f"(the same --batch-size, --seed, --augment, --inputs, --gpus and --shards as before)")
+                    f"(the same --batch-size, --seed, --augment, --inputs, --recipe, --gpus and --shards as before)")
+        saved.setdefault("recipe", saved.get("init", config.recipe))  # a run from before the recipes: its init
         # what the saved state depends on; the number of workers may change
-        for key in ("batch_size", "seed", "augment", "inputs", "gpus_per_worker"):
+        for key in ("batch_size", "seed", "augment", "inputs", "recipe", "gpus_per_worker"):
             if saved.get(key, getattr(config, key)) != getattr(config, key):
                 return (f"--resume: {out} was trained with --{key.replace('_', '-')} {saved[key]}, not "
                         f"{getattr(config, key)}: resume with the same, or start a new --out")

@@ -19,11 +19,15 @@ from trainer import checkpoint
 from trainer.config import Config, write_config
 from trainer.evaluate import errors
 from trainer.model import AlexNet
+from trainer.recipes import RECIPES, param_groups
+from trainer.schedule import Plateau
 from trainer.ranks import Ranks
 from trainer.reports import Reports
 from trainer.stop import StopRequest
 
 log = logging.getLogger("trainer")
+EXPLODED = 2  # a step's loss above this many times chance's, ln(classes), in the first epoch: a collapse
+LEARNING = 100  # steps after which a net that learns has left chance: its epoch's loss below it, several classes
 
 
 class Compiled:
@@ -72,27 +76,28 @@ class Trainer:
         manifest = read_manifest(config.shards)  # ShardDirError before any work
         self.classes, pca = len(manifest["classes"]), read_pca(config.shards)
         # what trainer.evaluate and trainer.predict need, kept in every checkpoint
-        self.about = {"classes": manifest["classes"], "class_names": manifest.get("class_names"),
+        self.about = {"classes": manifest["classes"], "class_names": manifest.get("class_names"), "recipe": config.recipe,
                       "normalisation": normalisation_of(pca, config.inputs),
                       "preprocessing": {k: manifest["settings"][k] for k in ("size", "quality", "max_pixels")}}
         if config.verify_shards:
             self.on_master(lambda: self.verify_shards(manifest))
         torch.manual_seed(config.seed)
-        self.model = AlexNet(self.classes, dropout=config.dropout, init=config.init, devices=devices)
+        self.model = AlexNet(self.classes, dropout=config.dropout, recipe=config.recipe, devices=devices)
         if gpu:
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True  # the input shape is fixed: cuDNN times its kernels once
         if self.ranks.rank:  # the same initial weights everywhere (DDP checks), a dropout stream of each rank's own
             torch.manual_seed(config.seed + self.ranks.rank)
-        params = self.model.parameters()
-        self.optimizer = (torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                                          weight_decay=config.weight_decay) if config.optimizer == "sgd"
-                          else torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay))
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience)
+        params = param_groups(self.model, RECIPES[config.recipe], config.lr, config.weight_decay)
+        self.optimizer = (torch.optim.SGD(params, momentum=config.momentum) if config.optimizer == "sgd"
+                          else torch.optim.Adam(params))
+        self.scheduler = Plateau(self.optimizer, config.lr_factor, config.lr_patience,
+                                 val_images=manifest["splits"]["val"]["samples"])
         self.epoch, self.step, self.epoch_step = 0, 0, 0
         # the epoch's training loss, summed over every step on the device: [sum of loss x images, images]
         self.loss_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.loss_peak = torch.zeros((), device=self.device)  # the largest step loss since the last log step
+        self.collapse = None  # why the run was found dead, once it was: said once
         loader_state = self.restore() if config.resume else None
         if self.ranks.master:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -251,16 +256,22 @@ class Trainer:
             loss = self.train_step(images, labels)
             self.loss_sum[0] += loss.double() * len(labels)  # stays on the device: no sync a step
             self.loss_sum[1] += len(labels)
+            torch.maximum(self.loss_peak, loss, out=self.loss_peak)
             self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
             window_images, images_seen = window_images + len(labels), images_seen + len(labels)
             if self.epoch_step % config.log_every == 0 or self.epoch_step == self.steps:
                 elapsed = time.perf_counter() - window_start
                 due = time.monotonic() - last_checkpoint > 60 * config.checkpoint_minutes
                 # host sync: .item() waits for the device; over the ranks: the batch-weighted loss
-                ranks = self.ranks.all_ranks([loss.item() * len(labels), len(labels), window_images, window_wait, due])
-                loss_sum, n, window_images, window_wait, due = ranks.sum(0).tolist()
-                worst, value = ranks[:, 3].max().item(), loss_sum / n
+                ranks = self.ranks.all_ranks([loss.item() * len(labels), len(labels), window_images, window_wait, due,
+                                              self.loss_peak.item()])
+                loss_sum, n, window_images, window_wait, due, _ = ranks.sum(0).tolist()
+                worst, value, peak = ranks[:, 3].max().item(), loss_sum / n, ranks[:, 5].max().item()
                 self.check_finite(value)
+                self.loss_peak.zero_()
+                if self.epoch == 0 and peak > EXPLODED * math.log(self.classes):
+                    self.collapsed(f"a training loss of {peak:.1f} in epoch 1, far above chance's "
+                                   f"ln {self.classes} = {math.log(self.classes):.2f}")
                 done = self.epoch_step - first_step
                 if self.reports:
                     self.reports.step(self.epoch + 1, self.step, self.epoch_step, self.steps, value,
@@ -283,6 +294,23 @@ class Trainer:
         return {"train_loss": loss_sum / max(n, 1), "data_wait": total_wait / self.ranks.world / elapsed,
                 "data_wait_max": max_wait / elapsed, "img_s": images_seen / elapsed}
 
+    def collapsed(self, why: str):
+        """The run looks dead (`why`): said once, in the log, metrics.jsonl and TensorBoard."""
+        if self.collapse is None and self.reports:
+            self.reports.collapse(self.epoch + 1, self.step, why)
+        self.collapse = self.collapse or why
+
+    def check_learning(self, train_loss, predicted):
+        """After an epoch, once the run has taken LEARNING steps: a training loss not below chance's, or one class
+        for every val image, is a collapse."""
+        if self.step < LEARNING:
+            return
+        if train_loss >= math.log(self.classes):
+            self.collapsed(f"a training loss of {train_loss:.3f} over epoch {self.epoch + 1}, not below chance's "
+                           f"ln {self.classes} = {math.log(self.classes):.2f}")
+        if predicted == 1 and self.classes > 1:
+            self.collapsed(f"one class predicted for every val image after epoch {self.epoch + 1}")
+
     def check_finite(self, value):
         if not math.isfinite(value):
             raise FloatingPointError(
@@ -290,12 +318,15 @@ class Trainer:
                 f"stopped; the last good checkpoint ({self.out / checkpoint.CHECKPOINT}) is kept. Try a lower --lr.")
 
     def evaluate(self, loader, ten_crop=False):
-        """-> (top-1 error, top-5 error) on val, from the counts summed over the ranks' slices of it;
-        ten-crop averages the softmax over the 10 crops."""
+        """-> (top-1 error, top-5 error, how many classes were some image's top-1) on val, from the counts
+        summed over the ranks' slices of it; ten-crop averages the softmax over the 10 crops."""
         result = errors(self.model, loader, ten_crop, desc="ten-crop" if ten_crop else "val",
                         progress=self.ranks.master)
-        wrong1, wrong5, total = self.ranks.all_ranks([result["wrong1"], result["wrong5"], result["total"]]).sum(0).tolist()
-        return wrong1 / total, wrong5 / total
+        predicted = result["predicted"]
+        predicted = [0.0] * self.classes if predicted is None else predicted.tolist()  # None: an empty slice
+        ranks = self.ranks.all_ranks([result["wrong1"], result["wrong5"], result["total"], *predicted]).sum(0)
+        wrong1, wrong5, total = ranks[:3].tolist()
+        return wrong1 / total, wrong5 / total, int((ranks[3:] > 0).sum())
 
     def ten_crop_loader(self):
         """This rank's slice of val, ten crops an image (section 4.1)."""
@@ -311,21 +342,22 @@ class Trainer:
                 stats = self.train_epoch()
                 if stats is None:
                     return self.stopped()
-                top1 = top5 = None
+                top1 = top5 = predicted = None
                 if self.val_loader is not None:
-                    top1, top5 = self.evaluate(self.val_loader)
+                    top1, top5, predicted = self.evaluate(self.val_loader)
                 self.scheduler.step(stats["train_loss"] if top1 is None else top1)
-                self.epoch, self.epoch_step = self.epoch + 1, 0
                 if self.reports:
-                    self.reports.epoch(self.epoch, self.step, stats, top1, top5, self.optimizer.param_groups[0]["lr"],
-                                       self.ranks.world)
+                    self.reports.epoch(self.epoch + 1, self.step, stats, top1, top5, predicted,
+                                       self.optimizer.param_groups[0]["lr"], self.ranks.world)
+                self.check_learning(stats["train_loss"], predicted)
+                self.epoch, self.epoch_step = self.epoch + 1, 0
                 self.save()
                 if self.reports:
                     self.reports.pictures(self.model, self.epoch, self.steps)
                 if self.epoch < config.epochs and self.ranks.any(self.stop.asked):
                     return self.stopped()
             if config.ten_crop and self.val_loader is not None:
-                top1, top5 = self.evaluate(self.ten_crop_loader(), ten_crop=True)
+                top1, top5, _ = self.evaluate(self.ten_crop_loader(), ten_crop=True)
                 if self.reports:
                     self.reports.final(self.epoch, top1, top5)
             return 0

@@ -21,18 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.recipes import LAYERS, RECIPES
+
 
 @dataclass(frozen=True)
 class LRN:
-    """Local response normalisation, section 3.3: b = a / (k + alpha * sum of a^2 over n adjacent maps)^beta."""
+    """Local response normalisation, section 3.3: b = a / (k + alpha * sum of a^2 over n adjacent maps)^beta;
+    average: alpha / n instead of alpha, as Krizhevsky's released code and Caffe compute it (5 times less)."""
     n: int = 5
     k: float = 2.0
     alpha: float = 1e-4
     beta: float = 0.75
+    average: bool = False
 
     def __call__(self, x):
-        # torch divides its alpha by n (it averages the squares); the paper sums them
-        return F.local_response_norm(x, self.n, alpha=self.alpha * self.n, beta=self.beta, k=self.k)
+        # torch divides its alpha by n (it averages the squares); the paper's text sums them
+        alpha = self.alpha if self.average else self.alpha * self.n
+        return F.local_response_norm(x, self.n, alpha=alpha, beta=self.beta, k=self.k)
 
 
 class Tower(nn.Module):
@@ -50,21 +55,23 @@ class Tower(nn.Module):
 
 
 class AlexNet(nn.Module):
-    def __init__(self, num_classes=1000, dropout=0.5, init="paper", devices=None):
-        """init: "paper" (section 5: weights N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6 and fc7,
-        0 elsewhere) or "torch" (PyTorch's default). devices: one device for both towers or a pair."""
+    def __init__(self, num_classes=1000, dropout=0.5, recipe="paper", devices=None):
+        """recipe: the name of a reference in trainer/recipes.py, whose init and LRN the net takes.
+        devices: one device for both towers or a pair."""
         super().__init__()
-        if init not in ("paper", "torch"):
-            raise ValueError(f"init must be 'paper' or 'torch', not {init!r}")
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
+        recipe = RECIPES[recipe]
         half = (num_classes + 1) // 2  # tower 0's share of the logits
         self.towers = nn.ModuleList([Tower(half, dropout), Tower(num_classes - half, dropout)])
-        self.lrn = LRN()
-        if init == "paper":
-            for tower in self.towers:
-                for name, layer in tower.named_children():
-                    if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                        nn.init.normal_(layer.weight, 0.0, 0.01)
-                        nn.init.constant_(layer.bias, 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0)
+        self.lrn = LRN(k=recipe.lrn_k, average=recipe.lrn_average)
+        for tower in self.towers:
+            for name in LAYERS:
+                layer = getattr(tower, name)
+                if recipe.weight_std is not None:
+                    nn.init.normal_(layer.weight, 0.0, recipe.weight_std[name])
+                if recipe.bias is not None:
+                    nn.init.constant_(layer.bias, recipe.bias[name])
         if devices is not None:
             self.place(devices)
 

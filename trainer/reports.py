@@ -1,9 +1,9 @@
 """What rank 0 tells people about a run: log lines, metrics.jsonl, TensorBoard events, pictures.
 
 metrics.jsonl is append-only JSON lines: {"kind": "step", epoch, step, loss, lr, img_s, data_wait,
-data_wait_max, workers} per logged step, {"kind": "epoch", epoch, step, top1, top5, lr, workers,
-train_loss, data_wait, data_wait_max, img_s} per epoch, {"kind": "final", epoch, top1_ten_crop,
-top5_ten_crop} at the end. A resumed run appends; a step it redoes appears again, the later line wins.
+data_wait_max, workers} per logged step, {"kind": "epoch", epoch, step, top1, top5, classes_predicted, lr,
+workers, train_loss, data_wait, data_wait_max, img_s} per epoch, {"kind": "collapse", epoch, step, why} once
+if the run stops learning (Trainer.collapsed), {"kind": "final", epoch, top1_ten_crop, top5_ten_crop} at the end. A resumed run appends; a step it redoes appears again, the later line wins.
 """
 import dataclasses
 import json
@@ -49,16 +49,25 @@ class Reports:
                              ("data_wait_max", data_wait_max)):
             self.board.add_scalar(f"train/{name}", figure, step)
 
-    def epoch(self, epoch, step, stats, top1, top5, lr, workers):
+    def epoch(self, epoch, step, stats, top1, top5, predicted, lr, workers):
         val = "no val split" if top1 is None else f"val top-1 error {100 * top1:.2f}%, top-5 error {100 * top5:.2f}%"
         spread = f" (worst worker {100 * stats['data_wait_max']:.1f}%)" if workers > 1 else ""
         log.info("epoch %d: train loss %.4f, %s, %.1f img/s, data wait %.1f%%%s", epoch,
                  stats["train_loss"], val, stats["img_s"], 100 * stats["data_wait"], spread)
-        self._write(kind="epoch", epoch=epoch, step=step, top1=top1, top5=top5, lr=lr, workers=workers, **stats)
+        self._write(kind="epoch", epoch=epoch, step=step, top1=top1, top5=top5, classes_predicted=predicted, lr=lr,
+                    workers=workers, **stats)
         self.board.add_scalar("train/epoch_loss", stats["train_loss"], epoch)
         if top1 is not None:
             self.board.add_scalar("val/top1_error", top1, epoch)
             self.board.add_scalar("val/top5_error", top5, epoch)
+            self.board.add_scalar("val/classes_predicted", predicted, epoch)
+
+    def collapse(self, epoch, step, why):
+        advice = ("it is not learning. Try a lower --lr, or another --recipe (README, \"Recipes\": the paper's "
+                  "text collapses where caffe's learns)")
+        log.warning("the run has collapsed: %s: %s", why, advice)
+        self._write(kind="collapse", epoch=epoch, step=step, why=why)
+        self.board.add_text("train/collapse", f"{why}: {advice}", step)
 
     def final(self, epoch, top1, top5):
         log.info("ten-crop: val top-1 error %.2f%%, top-5 error %.2f%%", 100 * top1, 100 * top5)

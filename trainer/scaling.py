@@ -80,7 +80,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="runs of each count, in turn; the best counts")
     p.add_argument("--project", type=int, nargs="*", default=[4, 8], help="worker counts to project to")
     p.add_argument("--device", default="", help="cpu or cuda (default: the cluster's)")
-    p.add_argument("trainer_args", nargs="*", help="after --: more trainer.run flags (--address, --init ...)")
+    p.add_argument("trainer_args", nargs="*", help="after --: more trainer.run flags (--address, --recipe ...)")
     args = p.parse_args(argv)
     if args.workers[0] != 1:
         p.error("--workers must start with 1: the other counts are compared with one worker")
