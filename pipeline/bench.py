@@ -220,8 +220,8 @@ def _import_task_modules():
 def add_loader_arguments(p):
     """The flags of an input-pipeline benchmark (this one's --shards, and trainer.bench's)."""
     add_device(p)
-    p.add_argument("--batch-size", type=int, default=128, help="images per batch (--shards)")
-    p.add_argument("--seconds", type=float, default=10.0, help="how long each --shards figure is measured (a turn)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch of the input pipeline")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long each input-pipeline figure is measured (a turn)")
     p.add_argument("--rounds", type=int, default=3,
                    help="decode_only and train_pipeline are measured in turn, this many times each")
     p.add_argument("--json", help="also write the figures to this file")
