@@ -1,5 +1,5 @@
 # make test: .venv with the project installed, then the whole test suite (what CI runs).
-# make demo: the whole job on scikit-learn's handwritten digits (jobs/demo.sh), ~11 min on 2 CPU cores.
+# make demo: the whole job on scikit-learn's handwritten digits (jobs/demo.sh), 12-17 min on 2 CPU cores.
 # make gpu-check: on a CUDA machine, the GPU side measured into gpu-check/report.md and .json
 # (trainer/gpu_check.py), with the venv's python if there is one, else $(PYTHON) as it is (a GPU
 # machine that has torch with CUDA, and DALI on its PYTHONPATH).

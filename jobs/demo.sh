@@ -13,7 +13,7 @@ DATA=${DATA:-data/digits}
 SHARDS=${SHARDS:-data/digits-shards}
 RUN=${RUN:-runs/demo}
 EPOCHS=${EPOCHS:-5}
-# keep every Ray server on 127.0.0.1, with token auth and a token of this demo's own (see README)
+# keep every Ray server on 127.0.0.1, with token auth and a token of this demo's own (see docs/distributed.md)
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
 export RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:-$(python -c "import secrets; print(secrets.token_hex(32))")}
 
@@ -50,7 +50,7 @@ echo "== 3/5 training: $RUN"
 resume=()
 [ -f "$RUN/checkpoint.pt" ] && resume=(--resume)
 # The paper's recipe (N(0, 0.01) init, SGD at 0.01) sits at chance on these digits, on its raw inputs as on
-# standardised ones (README, "The paper's inputs");
+# standardised ones (docs/training.md, "The paper's inputs");
 # the quick recipe is PyTorch's default init and Adam at 1e-4, with a constant lr.
 step python -m trainer.run --shards "$SHARDS" --out "$RUN" --epochs "$EPOCHS" --batch-size 32 \
     --init torch --optimizer adam --lr 1e-4 --lr-patience 100 --log-every 15 "${resume[@]}"

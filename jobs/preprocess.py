@@ -1,8 +1,8 @@
 """Turn ImageNet, as downloaded, into 256x256 WebDataset shards, on Ray.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/preprocess.py --src /data/imagenet --out shards/
-    python jobs/preprocess.py --src /data/imagenet --out shards/   # no cluster: starts Ray locally
+        python jobs/preprocess.py --src /data/imagenet --out /data/shards   # paths every node sees, absolute
+    python jobs/preprocess.py --src /data/imagenet --out /data/shards       # no cluster: starts Ray locally
 
 --src is any of: the folder holding the official archives (ILSVRC2012_img_train.tar,
 ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz), read in place; Kaggle's copy (ILSVRC/Data/CLS-LOC/,
@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
+from pipeline.cli import HelpFormatter  # noqa: E402
 from pipeline.lock import FolderLock, LockHeld  # noqa: E402
 from pipeline.preprocess import JobFailed, Settings, run  # noqa: E402
 from pipeline.progress import bar  # noqa: E402
@@ -46,7 +47,7 @@ class Progress:
 
 def parse_args(argv=None):
     defaults = {f.name: f.default for f in fields(Settings)}
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python jobs/preprocess.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--src", required=True, help="ImageNet's archives, Kaggle's copy, or a tree train/<class>/<file> "
                                                 "with val/<class>/<file> or a flat val/ (see above)")
     p.add_argument("--out", required=True, help="output folder for shards, manifest, pca.json, rejects")

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.cli import HelpFormatter, add_device
 from pipeline.manifest import ShardDirError
 from pipeline.tasks import JobFailed
 
@@ -218,11 +219,9 @@ def _import_task_modules():
 
 def add_loader_arguments(p):
     """The flags of an input-pipeline benchmark (this one's --shards, and trainer.bench's)."""
-    p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
-                   help="Ray workers, DALI threads and DataLoader workers")
-    p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if there is a GPU)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seconds", type=float, default=10.0, help="how long each --shards figure is measured (a turn)")
+    add_device(p)
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch of the input pipeline")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long each input-pipeline figure is measured (a turn)")
     p.add_argument("--rounds", type=int, default=3,
                    help="decode_only and train_pipeline are measured in turn, this many times each")
     p.add_argument("--json", help="also write the figures to this file")
@@ -230,11 +229,13 @@ def add_loader_arguments(p):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__, formatter_class=HelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--src", help="an image tree: benchmark the preprocessing job")
     source.add_argument("--shards", help="a shard folder: benchmark the input pipeline")
     p.add_argument("--sample", type=int, default=2000, help="--src: at most this many inputs, a seeded sample")
+    p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
+                   help="the Ray job's CPUs (--src); DALI's threads and the baseline's DataLoader workers (--shards)")
     add_loader_arguments(p)
     args = p.parse_args(argv)
     try:
@@ -280,7 +281,7 @@ def plot(bars, title, path):
 
 def pick_device(args) -> str:
     import torch
-    return args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    return "cuda:0" if args.device == "cuda" or (args.device is None and torch.cuda.is_available()) else "cpu"
 
 
 def loader_title(args, figures) -> str:

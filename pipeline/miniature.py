@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.cli import HelpFormatter
 from pipeline.imagenet import DEVKIT, GROUND_TRUTH, KAGGLE, KAGGLE_LABELS, KAGGLE_NAMES, META, TRAIN_TAR, VAL_TAR
 
 FORMS = ("archives", "tree", "kaggle")
@@ -165,12 +166,12 @@ def _write_kaggle_labels(out, mini):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m pipeline.miniature", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="folder to write the miniature into")
     p.add_argument("--form", choices=FORMS, default="archives", help="the form ImageNet is downloaded in")
     p.add_argument("--classes", type=int, default=CLASSES, help="how many classes")
     p.add_argument("--scale", type=float, default=1.0, help="share of ImageNet's per-class counts (at least 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds all it draws: the same seed writes the same bytes in every form")
     args = p.parse_args(argv)
     if args.classes < 2 or args.scale <= 0:
         p.error("--classes must be at least 2 and --scale positive")

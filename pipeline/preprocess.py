@@ -83,7 +83,7 @@ def scan(src, val_labels=None, val_fraction=0.0, seed=0, out=None, processes=Non
         form, base = ("kaggle", imagenet.KAGGLE) if kaggle else ("tree", "")
         if not (src / base / "train").is_dir():
             raise JobFailed(f"{src} holds neither train/<class>/ folders, nor {imagenet.TRAIN_TAR}, nor Kaggle's "
-                            f"{imagenet.KAGGLE}/train/: --src must be one of them (README: ImageNet as downloaded)")
+                            f"{imagenet.KAGGLE}/train/: --src must be one of them (docs/imagenet.md)")
         train = _folders(src, base, "train", hidden)
         val = _folders(src, base, "val", hidden) if (src / base / "val").is_dir() else None
         labels = val_labels or (_exists(src / imagenet.KAGGLE_LABELS) if kaggle else imagenet.devkit_beside(src))
@@ -102,7 +102,7 @@ def scan(src, val_labels=None, val_fraction=0.0, seed=0, out=None, processes=Non
                         f"drop --val-fraction, or the val images")
     foldered, flat = {c: v for c, v in (val or {}).items() if c and v}, (val or {}).get("", [])
     if foldered and flat:
-        raise JobFailed(f"{where} holds both class folders and loose files: keep one form (README)")
+        raise JobFailed(f"{where} holds both class folders and loose files: keep one form (docs/preprocessing.md)")
     if foldered:  # val/<class>/<file>
         if val_labels:
             raise JobFailed(f"{where} has class folders, which label its images: drop --val-labels")

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.cli import HelpFormatter
+
 FORMATS = [("png", "PNG"), ("jpg", "JPEG"), ("bmp", "BMP"), ("16.png", "PNG")]
 
 
@@ -45,9 +47,9 @@ def write_digits(out, val_fraction=0.2, per_class=None, seed=0) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m pipeline.sample", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="folder for train/ and val/")
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of each digit held out as val/")
     p.add_argument("--per-class", type=int, default=None, help="at most this many scans per digit")
     args = p.parse_args(argv)
     if (Path(args.out) / "train").exists():

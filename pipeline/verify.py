@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pipeline.cli import HelpFormatter
 from pipeline.images import decode_jpeg, jpeg_frame
 from pipeline.manifest import PCA, SPLITS, ShardDirError, read_manifest, read_pca, write_json
 from pipeline.shards import INDEX_VERSION, iter_samples, sha256_file
@@ -142,7 +143,7 @@ def _verify_contents(tar, shard, size, classes, redo):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m pipeline.verify", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("shards", help="a folder written by jobs/preprocess.py")
     p.add_argument("--deep", action=argparse.BooleanOptionalAction, default=True,
                    help="also check sha256 and decode every JPEG")

@@ -107,7 +107,7 @@ def losses_by_step(out):
 
 
 # Standardised inputs: at batches this small, the paper's raw inputs at lr 0.01 diverge within a few
-# steps (README, "The paper's inputs"); these tests are about what happens around the steps.
+# steps (docs/training.md, "The paper's inputs"); these tests are about what happens around the steps.
 STABLE = ["--inputs", "standardised"]
 STEPS = ["--epochs", 2, "--batch-size", 4, "--steps-per-epoch", 6, "--log-every", 1, "--no-ten-crop", *STABLE]
 

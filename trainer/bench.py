@@ -1,6 +1,6 @@
 """Can the input pipeline feed the model? pipeline.bench's figures beside AlexNet's own rate, one table.
 
-    python -m trainer.bench --shards DIR [--device cuda:0] [--batch-size 128] [--plot bench.png]
+    python -m trainer.bench --shards DIR [--device cuda] [--batch-size 128] [--plot bench.png]
 
   model    the trainer's AlexNet forward+backward (one SGD step) on synthetic batches of the same size,
            on CUDA as the trainer runs it: bf16 autocast, channels_last, torch.compile
@@ -10,11 +10,13 @@ It lives here, not in pipeline/, because it needs the model: the pipeline never 
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+from pipeline.cli import HelpFormatter
 from pipeline.bench import (USER_ERRORS, add_loader_arguments, bench_loader, loader_rows, loader_title, pick_device,
                             plot, rate, table)
 from pipeline.loader import CROP
@@ -48,8 +50,10 @@ def model_rate(device, batch_size, seconds, bf16=True, channels_last=None, compi
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m trainer.bench", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--shards", required=True, help="a shard folder written by jobs/preprocess.py")
+    p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
+                   help="DALI's threads and the baseline's DataLoader workers")
     add_loader_arguments(p)
     args = p.parse_args(argv)
     device = pick_device(args)

@@ -81,7 +81,9 @@ def parse_args(argv=None, doc=None) -> Config:
         flags = ["--" + field.name.replace("_", "-")] + (["--gpus"] if field.name == "gpus_per_worker" else [])
         default = ("on" if field.default else "off") if field.type is bool else field.default
         kwargs = dict(help=helps[field.name] + ("" if default == "" else f" (default: {default})"))
-        if field.type is bool:
+        if field.name == "resume":  # a flag to ask for, never one to refuse: no --no-resume
+            p.add_argument(*flags, action="store_true", **kwargs)
+        elif field.type is bool:
             p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=field.default, **kwargs)
         else:
             p.add_argument(*flags, type=field.type, default=field.default, required=field.name == "shards",

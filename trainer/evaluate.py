@@ -13,6 +13,7 @@ from collections import Counter
 
 import torch
 
+from pipeline.cli import HelpFormatter, add_device
 from trainer.checkpoint import CheckpointError, read
 from trainer.model import AlexNet
 
@@ -69,13 +70,14 @@ def load_checkpoint(path, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt")
     p.add_argument("--shards", required=True, help="a folder written by jobs/preprocess.py, with a val split")
     p.add_argument("--ten-crop", action=argparse.BooleanOptionalAction, default=False,
-                   help="average the softmax over the 10 crops of section 4.1")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+                   help="average the softmax over the 10 crops of section 4.1; off, the centre crop, the error the "
+                        "trainer logs every epoch (trainer.run's --ten-crop is the one figure it adds at the end)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    add_device(p)
     p.add_argument("--confused", type=int, default=10, help="how many of the most confused pairs to list")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cli import HelpFormatter
 from trainer.checkpoint import reason
 
 REPO = Path(__file__).resolve().parent.parent
@@ -233,10 +234,10 @@ def markdown(report) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m trainer.gpu_check", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="gpu-check", help="where the report (and the shards it makes) go")
     p.add_argument("--quick", action="store_true", help="tiny sizes and short measurements (CI's check of the CPU parts)")
-    p.add_argument("--no-tests", dest="tests", action="store_false", help="skip python -m pytest -m gpu")
+    p.add_argument("--tests", action=argparse.BooleanOptionalAction, default=True, help="run python -m pytest -m gpu first")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available()
     images, batch_sizes, seconds, steps = (48, [8], 0.2, 2) if args.quick else (4096, [128, 256], 4.0, 300)

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import torch
 
+from pipeline.cli import HelpFormatter, add_device
 from pipeline.loader import CROP
 from pipeline.manifest import class_labels
 from trainer.checkpoint import CheckpointError
@@ -36,12 +37,12 @@ def prepare(path, state) -> np.ndarray:
 
 @torch.no_grad()
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m trainer.predict", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, BMP, TIFF, ...)")
     p.add_argument("--top", type=int, default=5, help="how many classes to print per image")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--batch-size", type=int, default=64)
+    add_device(p)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     args = p.parse_args(argv)
     from pipeline.images import Rejected
 

@@ -1,7 +1,7 @@
 """The whole path at a count, one table: every stage's wall time, the driver's peak memory, the cost per image.
 
     python -m pipeline.miniature --out /data/mini --form tree --scale 0.01    # 1/100 of ImageNet's count
-    python -m trainer.scale --src /data/mini --out /data/mini-shards --json scale.json
+    python -m trainer.stage_times --src /data/mini --out /data/mini-shards --json stage-times.json
 
 Stages, in order, all in this process (the driver) but the tasks: the scan; the plan and the Ray tasks
 (on a local Ray of --cores), each task submitted as its shard is planned; the manifest (run()'s
@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline.cli import HelpFormatter
 from pipeline.preprocess import Clock
 
 
@@ -101,11 +102,11 @@ def rows(figures) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m trainer.stage_times", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--src", required=True, help="the images, in any form jobs/preprocess.py takes")
     p.add_argument("--out", required=True, help="the shard folder to write (kept)")
     p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)), help="the local Ray's CPUs")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="the loader's, the trainer's and the evaluation's batch")
     p.add_argument("--eval-batches", type=int, default=5, help="val batches measured; the rest extrapolated")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)

@@ -1,7 +1,7 @@
 """How data-parallel training scales here: img/s of 1 and of N Ray Train workers, as a ratio of linear.
 
-    python -m trainer.scaling --shards shards/                            # 1 vs 2 workers, one core each
-    python -m trainer.scaling --shards shards/ --workers 1 2 4 --batch-per-worker 64 --device cuda
+    python -m trainer.worker_scaling --shards shards/                            # 1 vs 2 workers, one core each
+    python -m trainer.worker_scaling --shards shards/ --workers 1 2 4 --batch-per-worker 64 --device cuda
 
 Each count is one `python -m trainer.run --workers N --cpus-per-worker 1` (on the CPU each worker
 keeps to a core of its own, its DALI threads included; Ray's own processes are not confined), with
@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from pipeline.cli import HelpFormatter, add_device
 
 
 def rate(out: Path, warmup: int, global_batch: int) -> float:
@@ -71,15 +73,15 @@ def apart(args, folder: Path) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m trainer.worker_scaling", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--shards", default="shards", help="a folder written by jobs/preprocess.py")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure; 1 first")
-    p.add_argument("--batch-per-worker", type=int, default=64)
+    p.add_argument("--batch-per-worker", type=int, default=64, help="images per step of each worker")
     p.add_argument("--steps", type=int, default=8, help="steps per run; the train split must hold that many")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the rate")
     p.add_argument("--repeats", type=int, default=2, help="runs of each count, in turn; the best counts")
     p.add_argument("--project", type=int, nargs="*", default=[4, 8], help="worker counts to project to")
-    p.add_argument("--device", default="", help="cpu or cuda (default: the cluster's)")
+    add_device(p, default_help="the cluster's: cuda where its nodes have GPUs")
     p.add_argument("trainer_args", nargs="*", help="after --: more trainer.run flags (--address, --recipe ...)")
     args = p.parse_args(argv)
     if args.workers[0] != 1:
@@ -89,7 +91,7 @@ def main(argv=None):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a private Ray keeps to 127.0.0.1
     rates, alone = {n: 0.0 for n in args.workers}, 0.0
     for repeat in range(args.repeats):
-        with tempfile.TemporaryDirectory(prefix="scaling-") as folder:
+        with tempfile.TemporaryDirectory(prefix="worker-scaling-") as folder:
             for n in args.workers:
                 rates[n] = max(rates[n], measure(args, n, Path(folder)))
             if len(os.sched_getaffinity(0)) >= 2:
