@@ -3,7 +3,7 @@
 #   1. scikit-learn's handwritten digits as an ImageNet-style tree (python -m pipeline.sample)
 #   2. a Ray head on 127.0.0.1 and `ray job submit -- python jobs/preprocess.py`; Ray is stopped
 #      however this script ends
-#   3. python -m trainer.run with the demo's quick recipe, on the best device present
+#   3. python -m trainer.run with SGD and Caffe's recipe, on the best device present
 #   4. python -m trainer.bench --shards
 #   5. python -m trainer.predict on a few val digits, python -m trainer.evaluate
 # Everything it makes is reused by the next run: the tree is kept, the preprocessing resumes
@@ -49,11 +49,10 @@ ray_started=""
 echo "== 3/5 training: $RUN"
 resume=()
 [ -f "$RUN/checkpoint.pt" ] && resume=(--resume)
-# The paper's recipe (N(0, 0.01) init, SGD at 0.01) sits at chance on these digits, on its raw inputs as on
-# standardised ones (docs/training.md, "The paper's inputs");
-# the quick recipe is PyTorch's default init and Adam at 1e-4, with a constant lr.
-step python -m trainer.run --shards "$SHARDS" --out "$RUN" --epochs "$EPOCHS" --batch-size 32 \
-    --init torch --optimizer adam --lr 1e-4 --lr-patience 100 --log-every 15 "${resume[@]}"
+# SGD at the paper's lr 0.01, momentum 0.9 and weight decay 5e-4, with Caffe's bvlc_alexnet init (biases
+# 0.1, fc6-7 at std 0.005): the paper's text (biases 1) collapses on these digits (docs/training.md, "Recipes")
+step python -m trainer.run --shards "$SHARDS" --out "$RUN" --epochs "$EPOCHS" --batch-size 32 --recipe caffe \
+    --log-every 15 "${resume[@]}"
 
 echo "== 4/5 input-pipeline benchmark"
 step python -m trainer.bench --shards "$SHARDS" --batch-size 32 --seconds 5 --json "$RUN/bench.json" \

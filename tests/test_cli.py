@@ -12,7 +12,7 @@ from conftest import REPO
 ENTRY_POINTS = ["python jobs/preprocess.py"] + [f"python -m {m}" for m in (
     "pipeline.sample", "pipeline.miniature", "pipeline.verify", "pipeline.bench",
     "trainer.run", "trainer.evaluate", "trainer.predict", "trainer.bench",
-    "trainer.stage_times", "trainer.worker_scaling", "trainer.gpu_check")]
+    "trainer.stage_times", "trainer.worker_scaling", "trainer.gpu_check", "trainer.study")]
 
 
 def main_of(command):

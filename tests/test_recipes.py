@@ -48,3 +48,15 @@ def test_the_papers_text_on_the_digits_collapses_and_the_run_says_so_once(digits
     assert collapse["epoch"] == 1 and collapse["step"] in (5, 10, 15) and "far above" in collapse["why"]
     assert max(m["loss"] for m in lines if m["kind"] == "step") > 2 * 2.30  # what it reported
     assert board_texts(out).get("train/collapse/text_summary") == [collapse["step"]]
+
+
+def test_the_default_recipe_leaves_chance_on_the_digits_in_a_short_run(digits, tmp_path):
+    from trainer.config import Config
+
+    out = tmp_path / "default"
+    log, lines = train(digits, out, "--batch-size", 32, "--epochs", 2, "--steps-per-epoch", 15, "--log-every", 5)
+    assert json.loads((out / "config.json").read_text())["recipe"] == Config.recipe  # nothing asked: the default
+    first, last = [m for m in lines if m["kind"] == "epoch"]
+    assert last["top1"] < 0.5, (first, last)  # chance is 0.9; the same seeds give the same run each time
+    assert last["classes_predicted"] >= 5 and last["train_loss"] < first["train_loss"]
+    assert "collapsed" not in log and not [m for m in lines if m["kind"] == "collapse"]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.cli import HelpFormatter
 from trainer.config import parse_args
 from trainer.recipes import RECIPES
 
@@ -54,35 +55,41 @@ def study(shards, recipe, out, batch_size, steps, lr, seed) -> dict:
     trainer.steps = steps  # one epoch of exactly `steps` steps, over as many passes of the shards as that takes
     images, _ = next(trainer.batches)  # the same first batch for every recipe (the same seed)
     row = {"recipe": recipe, **fc8_input(trainer.model, images)}
-    trainer.fit()
+    try:
+        trainer.fit()
+        diverged = None
+    except FloatingPointError:  # the trainer stops at a non-finite loss: the row says where
+        diverged = f"diverged: a non-finite loss at step {trainer.step}"
     metrics = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
-    losses = [m["loss"] for m in metrics if m["kind"] == "step"]
-    epoch = next(m for m in metrics if m["kind"] == "epoch")
+    losses = [m["loss"] for m in metrics if m["kind"] == "step"] or [math.nan]
+    epoch = next((m for m in metrics if m["kind"] == "epoch"), {"classes_predicted": None, "top1": None})
     collapse = next((m["why"] for m in metrics if m["kind"] == "collapse"), None)
-    return {**row, "steps": len(losses), "max_loss": max(losses), "end_loss": sum(losses[-10:]) / len(losses[-10:]),
+    return {**row, "steps": trainer.step, "max_loss": max(losses), "end_loss": sum(losses[-10:]) / len(losses[-10:]),
             "chance_loss": math.log(trainer.classes), "classes": trainer.classes,
-            "classes_predicted": epoch["classes_predicted"], "top1": epoch["top1"], "collapse": collapse}
+            "classes_predicted": epoch["classes_predicted"], "top1": epoch["top1"],
+            "collapse": "; ".join(filter(None, (diverged, collapse))) or None}
 
 
 def table(rows) -> str:
     lines = ["| recipe | sum h^2 at init | h alike | largest loss | loss at the end | classes predicted | "
              "val top-1 error | collapse reported |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        predicted = "-" if r["top1"] is None else f"{r['classes_predicted']} of {r['classes']}"
+        top1 = "-" if r["top1"] is None else f"{100 * r['top1']:.1f}%"
         lines.append(f"| {r['recipe']} | {r['h2']:,.0f} | {r['alike']:.3f} | {r['max_loss']:.2f} | "
-                     f"{r['end_loss']:.2f} (chance {r['chance_loss']:.2f}) | {r['classes_predicted']} of "
-                     f"{r['classes']} | {100 * r['top1']:.1f}% | {r['collapse'] or 'no'} |")
+                     f"{r['end_loss']:.2f} (chance {r['chance_loss']:.2f}) after {r['steps']} steps | {predicted} | "
+                     f"{top1} | {r['collapse'] or 'no'} |")
     return "\n".join(lines)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m trainer.study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m trainer.study", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--shards", required=True, help="a folder written by jobs/preprocess.py, with a val split")
-    p.add_argument("--recipes", nargs="+", choices=tuple(RECIPES), default=list(RECIPES), help="(default: all)")
-    p.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
-    p.add_argument("--steps", type=int, default=100, help="steps of each recipe (default: 100)")
-    p.add_argument("--lr", type=float, default=0.01, help="constant (default: 0.01, section 5)")
-    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--recipes", nargs="+", choices=tuple(RECIPES), default=list(RECIPES), help="the recipes to run, in turn")
+    p.add_argument("--batch-size", type=int, default=128, help="images a step")
+    p.add_argument("--steps", type=int, default=100, help="steps of each recipe")
+    p.add_argument("--lr", type=float, default=0.01, help="the lr, constant (section 5's at the start)")
+    p.add_argument("--seed", type=int, default=0, help="the initial weights' and the batches' seed")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
