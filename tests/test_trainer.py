@@ -152,7 +152,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_losses(shards, cl
 def test_a_short_run_writes_its_run_folder(shards, tmp_path):
     out = tmp_path / "run"
     result = train(shards, out, "--epochs", 1, "--batch-size", 8, "--log-every", 1)
-    assert "epoch 1 step 3/3: loss" in result.stderr and "data wait" in result.stderr
+    assert "epoch 1 step 3/3: loss" in result.stderr and "data wait" in result.stderr and "device wait" in result.stderr
     assert "ten-crop: val top-1 error" in result.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["lr"] == 0.01 and config["momentum"] == 0.9 and config["weight_decay"] == 5e-4
@@ -160,8 +160,9 @@ def test_a_short_run_writes_its_run_folder(shards, tmp_path):
     assert config["inputs"] == "raw"  # the paper's, with its init
     steps, (epoch,), (final,) = metrics(out, "step"), metrics(out, "epoch"), metrics(out, "final")
     assert [m["step"] for m in steps] == [1, 2, 3]
-    assert {"loss", "lr", "img_s", "data_wait"} <= set(steps[0])
+    assert {"loss", "lr", "img_s", "data_wait", "device_wait"} <= set(steps[0])
     assert {"top1", "top5", "data_wait", "train_loss", "lr"} <= set(epoch) and 0 <= epoch["data_wait"] < 1
+    assert epoch["device_wait"] == 0  # the CPU's step is synchronous: the host never waits for it
     assert 0 <= final["top1_ten_crop"] <= 1
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "scheduler", "rng", "loader"}
@@ -180,7 +181,7 @@ def test_a_short_run_writes_its_run_folder(shards, tmp_path):
     scalars = {tag: board.Scalars(tag) for tag in board.Tags()["scalars"]}
     assert [e.step for e in scalars["train/loss"]] == [1, 2, 3]  # float32 in the events
     assert [e.value for e in scalars["train/loss"]] == pytest.approx([m["loss"] for m in steps], rel=1e-6)
-    assert {"train/lr", "train/img_s", "train/data_wait", "val/top5_error", "val/top1_error_ten_crop"} <= set(scalars)
+    assert {"train/lr", "train/img_s", "train/data_wait", "train/device_wait", "val/top5_error", "val/top1_error_ten_crop"} <= set(scalars)
     assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in scalars["val/top1_error"]] == [(1, epoch["top1"])]
     assert board.Tags()["images"] == ["conv1/kernels"] and len(board.Images("conv1/kernels")) == 1
     assert "_hparams_/experiment" in board.PluginTagToContent("hparams")

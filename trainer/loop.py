@@ -11,6 +11,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +23,7 @@ from trainer.model import AlexNet
 from trainer.ranks import Ranks
 from trainer.reports import Reports
 from trainer.stop import StopRequest
+from trainer.waits import Waits, clock_of
 
 log = logging.getLogger("trainer")
 
@@ -134,6 +136,7 @@ class Trainer:
         # training batches without end: a capped epoch (--steps-per-epoch) and the loader's epoch
         # need not coincide
         self.batches = (batch for _ in itertools.count() for batch in self.train_loader)
+        self.waits = Waits(clock_of(self.device))
 
     def on_master(self, work):
         """Run work() on rank 0 alone; what it raised is raised on every rank (none waits for rank 0 forever)."""
@@ -240,15 +243,15 @@ class Trainer:
         is written)."""
         config = self.config
         started, first_step = time.perf_counter(), self.epoch_step
-        wait = window_wait = 0.0
+        wait = np.zeros(2)  # seconds: [data wait, device wait] of the epoch (trainer/waits.py)
+        window_wait = np.zeros(2)  # the same since the last log line
         window_start, window_images, images_seen, last_checkpoint = started, 0, 0, time.monotonic()
         self.model.train()
+        self.waits.idle()  # after a val pass and a checkpoint, or at the start
         while self.epoch_step < self.steps:
-            t0 = time.perf_counter()
-            images, labels = next(self.batches)  # blocks only if the pipeline is behind: the data wait
-            waited = time.perf_counter() - t0
-            wait, window_wait = wait + waited, window_wait + waited
+            images, labels = self.waits.next_batch(self.batches)
             loss = self.train_step(images, labels)
+            self.waits.stepped()
             self.loss_sum[0] += loss.double() * len(labels)  # stays on the device: no sync a step
             self.loss_sum[1] += len(labels)
             self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
@@ -256,20 +259,25 @@ class Trainer:
             if self.epoch_step % config.log_every == 0 or self.epoch_step == self.steps:
                 elapsed = time.perf_counter() - window_start
                 due = time.monotonic() - last_checkpoint > 60 * config.checkpoint_minutes
-                # host sync: .item() waits for the device; over the ranks: the batch-weighted loss
-                ranks = self.ranks.all_ranks([loss.item() * len(labels), len(labels), window_images, window_wait, due])
-                loss_sum, n, window_images, window_wait, due = ranks.sum(0).tolist()
+                value = loss.item()  # host sync: waits for the device, so the waits' markers are reached
+                waited = self.waits.read()
+                wait, window_wait = wait + waited, window_wait + waited
+                # over the ranks: the batch-weighted loss
+                ranks = self.ranks.all_ranks([value * len(labels), len(labels), window_images, *window_wait, due])
+                loss_sum, n, window_images, window_data, window_device, due = ranks.sum(0).tolist()
                 worst, value = ranks[:, 3].max().item(), loss_sum / n
                 self.check_finite(value)
                 done = self.epoch_step - first_step
                 if self.reports:
                     self.reports.step(self.epoch + 1, self.step, self.epoch_step, self.steps, value,
                                       self.optimizer.param_groups[0]["lr"], window_images / elapsed,
-                                      window_wait / self.ranks.world / elapsed, worst / elapsed, self.ranks.world,
+                                      window_data / self.ranks.world / elapsed, worst / elapsed,
+                                      window_device / self.ranks.world / elapsed, self.ranks.world,
                                       eta=(self.steps - self.epoch_step) * (time.perf_counter() - started) / done)
-                window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
+                window_start, window_images, window_wait = time.perf_counter(), 0, np.zeros(2)
                 if due:  # checked at log steps, where the ranks agree on it
                     self.save()
+                    self.waits.idle()  # the checkpoint copied the weights to the host: the device's queue is done
                     last_checkpoint = time.monotonic()
             if self.ranks.vote_to_stop(self.stop.asked) and self.epoch_step < self.steps:
                 self.ranks.end_vote()  # the vote begun beside this step: nothing left running behind the stop
@@ -277,11 +285,12 @@ class Trainer:
                 return None
         self.ranks.end_vote()  # an ask from the last step is answered at the epoch's end
         elapsed = time.perf_counter() - started
-        ranks = self.ranks.all_ranks([images_seen, wait, *self.loss_sum.tolist()])  # host sync, once an epoch
-        (images_seen, total_wait, loss_sum, n), max_wait = ranks.sum(0).tolist(), ranks[:, 1].max().item()
+        ranks = self.ranks.all_ranks([images_seen, *wait, *self.loss_sum.tolist()])  # host sync, once an epoch
+        (images_seen, data_wait, device_wait, loss_sum, n), max_wait = ranks.sum(0).tolist(), ranks[:, 1].max().item()
         self.loss_sum.zero_()
-        return {"train_loss": loss_sum / max(n, 1), "data_wait": total_wait / self.ranks.world / elapsed,
-                "data_wait_max": max_wait / elapsed, "img_s": images_seen / elapsed}
+        return {"train_loss": loss_sum / max(n, 1), "data_wait": data_wait / self.ranks.world / elapsed,
+                "data_wait_max": max_wait / elapsed, "device_wait": device_wait / self.ranks.world / elapsed,
+                "img_s": images_seen / elapsed}
 
     def check_finite(self, value):
         if not math.isfinite(value):
