@@ -34,8 +34,8 @@ def test_the_report_holds_every_section_and_the_table_says_what_the_json_holds(t
     rows = {name: value for name, _, value in report["rows"]}
     assert rows["model: torch.compile"] == "no GPU"  # without CUDA, its CUDA rows say so
     assert rows["baseline (webdataset + Pillow)"] == "webdataset is not installed"
-    tests = report["gpu_tests"]  # the three gpu-marked tests: skipped here, run on a GPU; none needs Ray
-    assert tests.get("passed", 0) + tests.get("skipped", 0) == 3 and not {"failed", "error", "errors"} & set(tests)
+    tests = report["gpu_tests"]  # the four gpu-marked tests: skipped here, run on a GPU; none needs Ray
+    assert tests.get("passed", 0) + tests.get("skipped", 0) == 4 and not {"failed", "error", "errors"} & set(tests)
     assert f"gpu tests: {tests.get('passed', 0)} passed, 0 failed, 0 errors, {tests.get('skipped', 0)} skipped" in table
     ratio = rows["train_pipeline"] / rows["model: fp32, eager"]
     assert report["headline"] == f"{ratio:.2f}" and f"**headline: train_pipeline / model = {ratio:.2f}**" in table
