@@ -262,6 +262,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pa
     (["--shards", "SHARDS", "--momentum", "nan"], "--momentum must be 0 or more, not nan"),
     (["--shards", "SHARDS", "--lr-factor", "10"], "--lr-factor must be below 1, not 10.0"),
     (["--shards", "SHARDS", "--dropout", "1"], "--dropout must be below 1, not 1.0"),
+    (["--shards", "SHARDS", "--hw-decoder-load", "1.5"], "--hw-decoder-load must be 1 or less, not 1.5"),
+    (["--shards", "SHARDS", "--prefetch-queue-depth", "0"], "--prefetch-queue-depth must be 1 or more, not 0"),
+    (["--shards", "SHARDS", "--compile-mode", "max-autotune"], "argument --compile-mode: invalid choice"),
+    (["--shards", "SHARDS", "--workers", "2", "--compile-mode", "reduce-overhead"],
+     "--compile-mode reduce-overhead (CUDA graphs) is for one process"),
     (["--shards", "SHARDS", "--out", "README.md"], "cannot write into --out " + str(REPO / "README.md") + ": it is a file"),
     (["--shards", "SHARDS", "--workers", "2", "--address", "127.0.0.1:1"],
      "no Ray cluster answers at 127.0.0.1:1 (Connection refused): start one there"),
@@ -496,3 +501,23 @@ def test_a_model_that_does_not_compile_runs_eager_after_one_warning(monkeypatch,
     warnings = [r.getMessage() for r in caplog.records if r.name == "trainer"]
     assert len(warnings) == 1 and re.match(r"torch\.compile failed \(.*InvalidCxxCompiler.*\): the model runs eager",
                                            warnings[0]), warnings
+
+
+def test_the_uint8_hand_over_trains_as_the_float_one(local_shards, tmp_path):
+    """The same seed, the same steps: the step normalising the uint8 crops (Fancy PCA's offsets in their
+    means) gives the float hand-over's losses, to float32's rounding on the CPU."""
+    from trainer.config import Config
+    from trainer.loop import Trainer
+
+    losses = {}
+    for uint8 in (False, True):
+        trainer = Trainer(Config(shards=str(local_shards), out=str(tmp_path / f"uint8-{uint8}"), batch_size=4,
+                                 init="torch", optimizer="adam", lr=1e-4, device="cpu", verify_shards=False,
+                                 uint8_handover=uint8, dali_threads=2 if uint8 else 0))
+        # DALI's threads: all the cores on the CPU by default (the step's cores minus two on CUDA), or as asked
+        assert trainer.loader_options["num_threads"] == (2 if uint8 else len(os.sched_getaffinity(0)))
+        batches = [next(trainer.batches) for _ in range(2)]
+        assert [len(b) for b in batches] == [3 if uint8 else 2] * 2 and batches[0][0].dtype == (
+            torch.uint8 if uint8 else torch.float32)
+        losses[uint8] = [trainer.train_step(*batch).item() for batch in batches]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
