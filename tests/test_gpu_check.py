@@ -28,6 +28,7 @@ def test_the_report_holds_every_section_and_the_table_says_what_the_json_holds(t
     assert env["cpu_cores"] >= 1 and env["versions"]["torch"] == torch.__version__ and env["versions"]["nvidia.dali"]
     names = [name for name, _, _ in report["rows"]]
     for wanted in ("decode_only", "train_pipeline", "cpu_decode", "train_pipeline, 1 DALI threads",
+                   "train_pipeline, uint8 hand-over",
                    "model: torch.compile", "model: CUDA graphs (compile reduce-overhead)",
                    "model: fp32, eager, the pipeline beside it (its batches thrown away)"):
         assert wanted in names, (wanted, names)

@@ -8,17 +8,21 @@ in-process), no network. It writes OUT/report.json and OUT/report.md and prints 
 
   environment  the GPU (nvidia-smi's name), its driver, the CPU cores, the versions
   gpu tests    python -m pytest -m gpu: how many passed, failed, were skipped
-  pipeline     at each batch size, on shards it makes (ImageNet-shaped: 256 x 256 baseline JPEGs):
-               decode_only (nvJPEG, DALI's "mixed"), train_pipeline (build_loader on the GPU),
-               cpu_decode (the same pipeline on the CPU), DALI threads at 1, 4 and all cores, and
-               the hardware decoder's share (hw_decoder_load) at 0, DALI's default and 1
-  model        AlexNet's training step, img/s: bf16 + channels_last eager, with cudnn.benchmark off,
-               fp32 with TF32 and without, torch.compile, CUDA graphs (torch.compile's "reduce-overhead")
-  headline     train_pipeline / model, the model compiled as the trainer runs it on CUDA (eager on
-               the CPU): at 1 or more the GPU never waits on data
-  training     about 300 steps of the paper's recipe (python -m trainer.run): img/s of the first
-               epoch (compiling included) and of the last, the last one's data wait, whole and by
-               quarter; with two GPUs, the split net (--gpus 2) beside it
+  pipeline     on shards it makes (ImageNet-shaped: 256 x 256 baseline JPEGs), batch 128: decode_only
+               (nvJPEG, DALI's "mixed"), train_pipeline (build_loader on the GPU), cpu_decode (the same
+               pipeline on the CPU), DALI threads at 1, 4, the cores minus two and all cores, the uint8
+               hand-over
+  model        AlexNet's training step alone, img/s: bf16 + channels_last eager, torch.compile, CUDA
+               graphs (torch.compile's "reduce-overhead"); and compiled beside the pipeline, which runs
+               on the same GPU with its batches thrown away (what sharing the device costs the step)
+  training     the real loop (python -m trainer.run), 4 epochs of 28 steps, at the defaults and under
+               each option alone (all cores for DALI, hw_decoder_load 1, the uint8 hand-over, CUDA
+               graphs), then the options that beat the defaults together; each row: img/s over the last
+               half of the epochs without each epoch's first quarter (after the val pass and the
+               checkpoint, given apart), its share of the step alone, the data wait and the device wait
+               (trainer/waits.py); with two GPUs, the split net (--gpus 2) beside them
+  headline     the defaults' run img/s / the step alone, compiled as the trainer runs it (eager on the
+               CPU): at 1 the GPU never waits on anything but the step
 
 Without a GPU every CUDA row says so and the rest runs on the CPU, so that CI runs all of it but
 the CUDA calls. Figures are measured in this run; nothing is projected.
@@ -128,6 +132,7 @@ def pipeline_rows(shards, gpu, batch_sizes, seconds, cores) -> list:
     batch = batch_sizes[0]
     for threads in sorted({1, min(4, cores), max(1, cores - 2), cores}):  # cores - 2: the trainer's default on CUDA
         rows.append((f"train_pipeline, {threads} DALI threads", batch, train_pipeline(num_threads=threads)))
+    rows.append(("train_pipeline, uint8 hand-over", batch, train_pipeline(uint8=True)))
     return rows
 
 
@@ -227,7 +232,7 @@ def training_rows(shards, folder, gpu, steps, batch, cores, step_alone) -> tuple
         rows.append((f"training, {label}{suffix}", batch,
                      f"{result['img_s']:,.0f} img/s{share}, data wait {100 * result['data_wait']:.1f}%, device wait "
                      f"{100 * result['device_wait']:.1f}%; each epoch's first quarter {result['first_quarter_img_s']:,.0f} "
-                     f"img/s; first epoch {result['first_epoch_img_s']:,.0f} img/s; {result['epochs']} epochs of "
+                     f"img/s; first epoch {result['first_epoch_img_s']:,.0f} img/s; {result['epochs']} epoch(s) of "
                      f"{result['steps_per_epoch']} steps in {result['wall_s']:.0f} s"))
 
     for label, flags in runs:
