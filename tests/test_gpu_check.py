@@ -36,8 +36,8 @@ def test_the_report_holds_every_section_and_the_table_says_what_the_json_holds(t
     assert rows["model: torch.compile"] == "no GPU"  # without CUDA, its CUDA rows say so
     assert rows["baseline (webdataset + Pillow)"] == "webdataset is not installed"
     assert isinstance(rows["model: fp32, eager, the pipeline beside it (its batches thrown away)"], float)
-    tests = report["gpu_tests"]  # the four gpu-marked tests: skipped here, run on a GPU; none needs Ray
-    assert tests.get("passed", 0) + tests.get("skipped", 0) == 4 and not {"failed", "error", "errors"} & set(tests)
+    tests = report["gpu_tests"]  # the five gpu-marked tests: skipped here, run on a GPU; none needs Ray
+    assert tests.get("passed", 0) + tests.get("skipped", 0) == 5 and not {"failed", "error", "errors"} & set(tests)
     assert f"gpu tests: {tests.get('passed', 0)} passed, 0 failed, 0 errors, {tests.get('skipped', 0)} skipped" in table
     # the training loop under each option, its CPU side: every row ran, with both waits
     training = report["training"]

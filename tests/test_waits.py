@@ -1,9 +1,10 @@
-"""trainer/waits.py in the real training loop on the CPU, beside a simulated asynchronous device."""
+"""trainer/waits.py: in the real training loop on the CPU beside a simulated asynchronous device, and
+with CUDA events on a GPU."""
 import json
 import time
 
+import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.config import Config
 from trainer.loop import Trainer
@@ -74,7 +75,50 @@ def test_waiting_for_the_device_is_device_wait_and_a_slow_pipeline_is_data_wait(
     assert [m["data_wait"] > 0.5 for m in steps] == [False, True]
     lines = [r.getMessage() for r in caplog.records if "device wait" in r.getMessage()]
     assert len(lines) == 2 and all("data wait" in line for line in lines)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     trainer.reports.close()
     board = EventAccumulator(str(tmp_path / "run"))
     board.Reload()
     assert {"train/data_wait", "train/device_wait"} <= set(board.Tags()["scalars"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_events_tell_a_busy_device_from_a_slow_pipeline():
+    """CudaClock's events on a real GPU: a step queued as a kernel that keeps the GPU busy for DEVICE_S,
+    each hand-over synchronising with the host as DALI's does; then a slow pipeline beside an idle GPU."""
+    from trainer.waits import CudaClock
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10 ** 7)  # spins for that many of the GPU's clock cycles
+    end.record()
+    end.synchronize()
+    cycles = int(DEVICE_S / (start.elapsed_time(end) / 1000 / 10 ** 7))
+    waits = Waits(CudaClock(torch.device("cuda:0")))
+
+    def batches(pipeline_s, synchronise):
+        while True:
+            time.sleep(pipeline_s)
+            if synchronise:
+                torch.cuda.synchronize()
+            yield None
+
+    def epoch(step_cycles, pipeline_s, synchronise):
+        waits.idle()
+        handed = batches(pipeline_s, synchronise)
+        for _ in range(STEPS):
+            waits.next_batch(handed)
+            if step_cycles:
+                torch.cuda._sleep(step_cycles)
+            waits.stepped()
+        torch.cuda.synchronize()
+        return waits.read()
+
+    data, device = epoch(cycles, 0.0, synchronise=True)
+    planted = (STEPS - 1) * DEVICE_S
+    assert planted / 2 < device < planted * 1.5 and data < DEVICE_S / 2
+    data, device = epoch(0, PIPELINE_S, synchronise=False)
+    planted = STEPS * PIPELINE_S
+    assert planted <= data < planted + 1.0 and device < 0.05
