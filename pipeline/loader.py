@@ -155,7 +155,7 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
             # seeds of their own: DALI would give each the next of the pipeline's seeds in the order it walks
             # the graph from the outputs, which differs between the float and the uint8 hand-over
             seeds = [int(s >> 1) for s in np.random.SeedSequence([seed, rank, 1]).generate_state(4)]
-            x, y = fn.random.uniform(values=positions, seed=seeds[0]), fn.random.uniform(values=positions, seed=seeds[1])
+            x, y = (fn.random.uniform(values=positions, seed=s) for s in seeds[:2])
             mirror = fn.random.coin_flip(probability=0.5, seed=seeds[2])
             mean = mean255
             if fancy_pca_sigma:
@@ -201,7 +201,8 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
         if state is None:
             raise
         raise StaleLoaderState(" ".join(str(e).split())) from None
-    names = ["images", "mean", "labels"] if uint8 else ["images", "labels"] + (["params", "source"] if with_params else [])
+    names = (["images", "mean", "labels"] if uint8 else
+             ["images", "labels"] + (["params", "source"] if with_params else []))
     iterator = DALIGenericIterator([pipe], names, reader_name="reader", auto_reset=True,
                                    last_batch_policy=LastBatchPolicy.PARTIAL)
     return Loader(iterator, device, torch.uint8 if uint8 else dtype, channels_last)

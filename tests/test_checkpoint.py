@@ -19,7 +19,8 @@ def test_the_background_write_holds_the_state_at_save_and_the_next_save_waits_fo
     writer.wait()
     latest, previous = (checkpoint.read(tmp_path / name) for name in (checkpoint.CHECKPOINT, checkpoint.PREVIOUS))
     assert (latest["step"], previous["step"]) == (20, 10)
-    assert torch.equal(previous["model"]["w"], torch.zeros(1000)) and torch.equal(latest["model"]["w"], torch.ones(1000))
+    assert torch.equal(previous["model"]["w"], torch.zeros(1000))
+    assert torch.equal(latest["model"]["w"], torch.ones(1000))
 
 
 # A checkpoint whose pickling stops half-way: an object in the state that sleeps when torch.save reaches it
@@ -36,7 +37,8 @@ class Stall:
 writer = checkpoint.Writer()
 writer.save(sys.argv[1], {"model": {"w": torch.zeros(10)}, "epoch": 1, "step": 10, "classes": ["a"]})
 writer.wait()
-writer.save(sys.argv[1], {"model": {"w": torch.ones(1 << 20)}, "epoch": 2, "step": 20, "classes": ["a"], "stall": Stall()})
+writer.save(sys.argv[1], {"model": {"w": torch.ones(1 << 20)}, "epoch": 2, "step": 20, "classes": ["a"],
+                          "stall": Stall()})
 time.sleep(600)  # the steps going on
 """
 

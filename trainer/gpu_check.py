@@ -230,8 +230,8 @@ def training_rows(shards, folder, gpu, steps, batch, cores, step_alone) -> tuple
         share = f" ({result['img_s'] / step_alone:.2f} of the step alone)" if isinstance(step_alone, float) else ""
         rows.append((f"training, {label}{suffix}", batch,
                      f"{result['img_s']:,.0f} img/s{share}, data wait {100 * result['data_wait']:.1f}%, device wait "
-                     f"{100 * result['device_wait']:.1f}%; each epoch's first quarter {result['first_quarter_img_s']:,.0f} "
-                     f"img/s; first epoch {result['first_epoch_img_s']:,.0f} img/s; {result['epochs']} epoch(s) of "
+                     f"{100 * result['device_wait']:.1f}%; each epoch's first quarter "
+                     f"{result['first_quarter_img_s']:,.0f} img/s; first epoch {result['first_epoch_img_s']:,.0f} img/s; {result['epochs']} epoch(s) of "
                      f"{result['steps_per_epoch']} steps in {result['wall_s']:.0f} s"))
 
     for label, flags in runs:
@@ -240,7 +240,8 @@ def training_rows(shards, folder, gpu, steps, batch, cores, step_alone) -> tuple
     better = [flags for label, flags in runs[1:] if isinstance(base, dict) and isinstance(figures[label], dict)
               and figures[label]["img_s"] > base["img_s"]]
     if len(better) > 1:  # one alone is its own row already
-        run("best combination: " + " ".join(f for flags in better for f in flags), [f for flags in better for f in flags])
+        together = [f for flags in better for f in flags]
+        run("best combination: " + " ".join(together), together)
     if gpu and torch.cuda.device_count() >= 2:
         run("--gpus 2", ["--gpus", "2"])
     return rows, figures

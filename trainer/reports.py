@@ -5,7 +5,8 @@ data_wait_max, device_wait, workers} per logged step, {"kind": "epoch", epoch, s
 workers, train_loss, data_wait, data_wait_max, device_wait, img_s} per epoch, {"kind": "final", epoch, top1_ten_crop,
 top5_ten_crop} at the end. data_wait: the share of the time the step waited because no batch was ready;
 device_wait: the share the host waited, handing a batch over, for the device to finish the steps queued
-before it (trainer/waits.py); both averaged over the workers, data_wait_max the worst worker's. A resumed run appends; a step it redoes appears again, the later line wins.
+before it (trainer/waits.py); both averaged over the workers, data_wait_max the worst worker's.
+A resumed run appends; a step it redoes appears again, the later line wins.
 """
 import dataclasses
 import json
@@ -45,7 +46,8 @@ class Reports:
              eta):
         spread = f" (worst worker {100 * data_wait_max:.1f}%)" if workers > 1 else ""
         log.info("epoch %d step %d/%d: loss %.4f, lr %.2g, %.1f img/s, data wait %.1f%%%s, device wait %.1f%%, "
-                 "ETA %.0fs", epoch, epoch_step, steps, loss, lr, img_s, 100 * data_wait, spread, 100 * device_wait, eta)
+                 "ETA %.0fs", epoch, epoch_step, steps, loss, lr, img_s, 100 * data_wait, spread, 100 * device_wait,
+                 eta)
         self._write(kind="step", epoch=epoch, step=step, loss=loss, lr=lr, img_s=img_s, data_wait=data_wait,
                     data_wait_max=data_wait_max, device_wait=device_wait, workers=workers)
         for name, figure in (("loss", loss), ("lr", lr), ("img_s", img_s), ("data_wait", data_wait),

@@ -60,7 +60,8 @@ class Waits:
     def __init__(self, clock):
         self.clock = clock
         self.step_end = None  # the marker after the last step; None: the device has finished its queue
-        self.pending = []  # per batch: (host seconds in next(), marker after the step before or None, marker at hand-over)
+        # per batch: (host seconds in next(), the marker after the step before it or None, the marker at hand-over)
+        self.pending = []
 
     def next_batch(self, batches):
         started = time.perf_counter()
