@@ -46,7 +46,7 @@ def test_the_report_holds_every_section_and_the_table_says_what_the_json_holds(t
     for label, figures in training.items():
         assert isinstance(figures, dict), (label, figures)
         assert figures["img_s"] > 0 and 0 <= figures["data_wait"] < 1
-        assert figures["device_wait"] == 0  # the CPU's step is synchronous
+        assert figures["device_wait"] < 1e-3  # the CPU's step is synchronous
         assert re.search(rf"\| training, {re.escape(label)} \(CPU\) \| 8 \| [\d,]+ img/s \(\d+\.\d\d of the step alone\), "
                          rf"data wait \d+\.\d%, device wait 0\.0%", table), label
     ratio = training["defaults"]["img_s"] / rows["model: fp32, eager"]

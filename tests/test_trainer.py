@@ -162,7 +162,7 @@ def test_a_short_run_writes_its_run_folder(shards, tmp_path):
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert {"loss", "lr", "img_s", "data_wait", "device_wait"} <= set(steps[0])
     assert {"top1", "top5", "data_wait", "train_loss", "lr"} <= set(epoch) and 0 <= epoch["data_wait"] < 1
-    assert epoch["device_wait"] == 0  # the CPU's step is synchronous: the host never waits for it
+    assert epoch["device_wait"] < 1e-3  # the CPU's step is synchronous: the host never waits for it
     assert 0 <= final["top1_ten_crop"] <= 1
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "scheduler", "rng", "loader"}

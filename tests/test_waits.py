@@ -69,7 +69,7 @@ def test_waiting_for_the_device_is_device_wait_and_a_slow_pipeline_is_data_wait(
     assert behind_the_device["data_s"] < DEVICE_S / 2
     planted = STEPS * PIPELINE_S
     assert planted <= behind_the_pipeline["data_s"] < planted + 1.0
-    assert behind_the_pipeline["device_s"] == 0.0
+    assert behind_the_pipeline["device_s"] < 0.01  # the log step's loss.item(): microseconds on the CPU
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["device_wait"] > 0.5 for m in steps] == [True, False]  # the log step's window: the whole epoch
     assert [m["data_wait"] > 0.5 for m in steps] == [False, True]

@@ -284,7 +284,7 @@ class Trainer:
             if self.epoch_step % config.log_every == 0 or self.epoch_step == self.steps:
                 elapsed = time.perf_counter() - window_start
                 due = time.monotonic() - last_checkpoint > 60 * config.checkpoint_minutes
-                value = loss.item()  # host sync: waits for the device, so the waits' markers are reached
+                value = self.waits.item(loss)  # host sync: waits for the device, so the waits' markers are reached
                 waited = self.waits.read()
                 wait, window_wait = wait + waited, window_wait + waited
                 # over the ranks: the batch-weighted loss

@@ -5,7 +5,8 @@ for one of two reasons:
   - data wait: no batch is ready, the pipeline is behind. The device idles: this is the time lost.
   - device wait: the batch is ready, but handing it over waits for the device to finish the steps
     already queued (DALI's iterator synchronises its outputs with the host, and the host runs ahead of
-    an asynchronous GPU). The device is busy meanwhile: nothing is lost.
+    an asynchronous GPU). The device is busy meanwhile: nothing is lost. The log step's loss.item()
+    (`item`), which waits for the device too, is counted here as well.
 
 The split: a marker on the device's queue after each step and another when the batch is handed over.
 From the first to the second the device had nothing to do; of the host's time in next(), that gap
@@ -14,7 +15,8 @@ val pass and a checkpoint, during which the device has finished its queue: all o
 
 Cost: on CUDA the markers are CUDA events, two records a step (microseconds, no sync), read at log
 steps after the host sync that the log line already makes (`loss.item()`). On the CPU the step is
-synchronous: the markers are the host's clock, and the device wait is 0 by construction.
+synchronous: the markers are the host's clock, and the device wait is 0 by construction but for the
+microseconds of loss.item().
 """
 import time
 
@@ -62,6 +64,7 @@ class Waits:
         self.step_end = None  # the marker after the last step; None: the device has finished its queue
         # per batch: (host seconds in next(), the marker after the step before it or None, the marker at hand-over)
         self.pending = []
+        self.synced = 0.0  # seconds the host waited in item()
 
     def next_batch(self, batches):
         started = time.perf_counter()
@@ -69,6 +72,13 @@ class Waits:
         host = time.perf_counter() - started
         self.pending.append((host, self.step_end, self.clock.mark()))
         return batch
+
+    def item(self, tensor: torch.Tensor) -> float:
+        """tensor.item(): a host sync, its wait counted as device wait."""
+        started = time.perf_counter()
+        value = tensor.item()
+        self.synced += time.perf_counter() - started
+        return value
 
     def stepped(self):
         """Call after each step is queued."""
@@ -81,8 +91,8 @@ class Waits:
 
     def read(self) -> tuple[float, float]:
         """-> (data wait, device wait) in seconds since the last read. Only after a host sync that waited for
-        the device's queue (a log step's loss.item()): its markers are then reached."""
-        data = device = 0.0
+        the device's queue (a log step's item()): its markers are then reached."""
+        data, device, self.synced = 0.0, self.synced, 0.0
         for host, step_end, handed in self.pending:
             idle = host if step_end is None else min(host, max(0.0, self.clock.seconds(step_end, handed)))
             data, device = data + idle, device + host - idle
