@@ -24,6 +24,11 @@ Inputs (`inputs`): "raw" is the paper's (section 2, "the (centered) raw RGB valu
 in 0-255 units, Fancy PCA's offset in the same units (std = 1/255 above); "standardised" divides by
 the training pixels' std as well, (x/255 - mean)/std, which suits PyTorch's default init.
 
+The uint8 hand-over (uint8=True, training crops): DALI crops and flips and hands over uint8 with each
+image's mean [B, 3], Fancy PCA's offset folded in; normalise() then gives the float path's batch in the
+consumer's step (a quarter of the bytes, and no float write among DALI's GPU work). The random operators
+are seeded each on its own, so that both hand-overs draw the same numbers.
+
 crops="center" takes the central 227x227; crops="ten" the four corners and the centre, then the same
 five mirrored, in the order top-left, top-right, bottom-left, bottom-right, centre.
 
