@@ -2,10 +2,11 @@
 
 metrics.jsonl is append-only JSON lines: {"kind": "step", epoch, step, loss, lr, img_s, data_wait,
 data_wait_max, device_wait, workers} per logged step, {"kind": "epoch", epoch, step, top1, top5, lr,
-workers, train_loss, data_wait, data_wait_max, device_wait, img_s} per epoch, {"kind": "final", epoch, top1_ten_crop,
-top5_ten_crop} at the end. data_wait: the share of the time the step waited because no batch was ready;
-device_wait: the share the host waited, handing a batch over, for the device to finish the steps queued
-before it (trainer/waits.py); both averaged over the workers, data_wait_max the worst worker's.
+workers, train_loss, data_wait, data_wait_max, device_wait, img_s} per epoch, {"kind": "final", epoch,
+top1_ten_crop, top5_ten_crop} at the end. data_wait: the share of the time the step waited because no
+batch was ready; device_wait: the share the host waited for the device, handing a batch over (the steps
+queued before it) or at a log step's loss.item() (trainer/waits.py); both averaged over the workers,
+data_wait_max the worst worker's.
 A resumed run appends; a step it redoes appears again, the later line wins.
 """
 import dataclasses
