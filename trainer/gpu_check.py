@@ -231,8 +231,9 @@ def training_rows(shards, folder, gpu, steps, batch, cores, step_alone) -> tuple
         rows.append((f"training, {label}{suffix}", batch,
                      f"{result['img_s']:,.0f} img/s{share}, data wait {100 * result['data_wait']:.1f}%, device wait "
                      f"{100 * result['device_wait']:.1f}%; each epoch's first quarter "
-                     f"{result['first_quarter_img_s']:,.0f} img/s; first epoch {result['first_epoch_img_s']:,.0f} img/s; {result['epochs']} epoch(s) of "
-                     f"{result['steps_per_epoch']} steps in {result['wall_s']:.0f} s"))
+                     f"{result['first_quarter_img_s']:,.0f} img/s; first epoch {result['first_epoch_img_s']:,.0f} "
+                     f"img/s; {result['epochs']} epoch(s) of {result['steps_per_epoch']} steps in "
+                     f"{result['wall_s']:.0f} s"))
 
     for label, flags in runs:
         run(label, flags)
