@@ -168,7 +168,7 @@ def loader_batches(shards, device, batch_size, **options):
             torch.cuda.synchronize()
         return n
 
-    return (sync(len(y)) for y in _epochs(lambda: (y for _, y in loader)))
+    return (sync(len(batch[1])) for batch in _epochs(lambda: iter(loader)))  # (images, labels[, mean])
 
 
 def loader_rate(shards, device, batch_size, seconds, **options) -> float:

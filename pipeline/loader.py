@@ -24,6 +24,11 @@ Inputs (`inputs`): "raw" is the paper's (section 2, "the (centered) raw RGB valu
 in 0-255 units, Fancy PCA's offset in the same units (std = 1/255 above); "standardised" divides by
 the training pixels' std as well, (x/255 - mean)/std, which suits PyTorch's default init.
 
+The uint8 hand-over (uint8=True, training crops): DALI crops and flips and hands over uint8 with each
+image's mean [B, 3], Fancy PCA's offset folded in; normalise() then gives the float path's batch in the
+consumer's step (a quarter of the bytes, and no float write among DALI's GPU work). The random operators
+are seeded each on its own, so that both hand-overs draw the same numbers.
+
 crops="center" takes the central 227x227; crops="ten" the four corners and the centre, then the same
 five mirrored, in the order top-left, top-right, bottom-left, bottom-right, centre.
 
@@ -72,7 +77,7 @@ def normalisation_of(pca: dict, inputs: str) -> dict:
 def build_loader(shards, split="train", batch_size=128, device="cpu", crops="random", seed=0, rank=0,
                  world_size=1, fancy_pca_sigma=0.1, fancy_pca_scale="sqrt", dtype=torch.float32,
                  channels_last=False, shuffle_buffer=4096, num_threads=None, state=None, with_params=False,
-                 inputs="raw", normalisation=None, hw_decoder_load=None):
+                 inputs="raw", normalisation=None, hw_decoder_load=None, prefetch_queue_depth=2, uint8=False):
     """-> Loader over `split` of the shard folder `shards`.
 
     dtype: torch.float32, or on CUDA torch.float16 / torch.bfloat16. channels_last: NCHW tensors in
@@ -81,6 +86,10 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
     (crop x, crop y, flipped)}, to check or replay what the augmentation did. normalisation: {"mean",
     "std"} to use instead of pca.json's with `inputs` (a checkpoint's own, evaluated on other shards).
     hw_decoder_load: on CUDA, the share of images for the hardware JPEG decoder (DALI's default if None).
+    prefetch_queue_depth: batches DALI prepares ahead (its own default, 2). uint8: (crops="random") hand over
+    the crops as uint8 and yield (images, labels, mean): mean [B, 3] float32 on `device`, each image's
+    normalisation mean in pixel units with Fancy PCA's offset folded in; `normalise(images, mean, ...)`
+    then gives what the float path gives, a quarter of the bytes handed over and no float write in DALI.
     """
     if crops not in ("random", "center", "ten"):
         raise ValueError(f"crops must be 'random', 'center' or 'ten', not {crops!r}")
@@ -88,6 +97,8 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     if fancy_pca_scale not in ("sqrt", "linear"):
         raise ValueError(f"fancy_pca_scale must be 'sqrt' or 'linear', not {fancy_pca_scale!r}")
+    if uint8 and (crops != "random" or with_params):
+        raise ValueError("uint8 hands over training crops (crops='random') without with_params")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not within world_size {world_size}")
     device = torch.device(device)
@@ -146,16 +157,24 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
         if crops == "random":
             # discrete positions k/span make the anchors exact integers 0..span
             positions = [k / span for k in range(span + 1)] if span else [0.0]
-            x, y = fn.random.uniform(values=positions), fn.random.uniform(values=positions)
-            mirror = fn.random.coin_flip(probability=0.5)
+            # seeds of their own: DALI would give each the next of the pipeline's seeds in the order it walks
+            # the graph from the outputs, which differs between the float and the uint8 hand-over
+            seeds = [int(s >> 1) for s in np.random.SeedSequence([seed, rank, 1]).generate_state(4)]
+            x, y = (fn.random.uniform(values=positions, seed=s) for s in seeds[:2])
+            mirror = fn.random.coin_flip(probability=0.5, seed=seeds[2])
             mean = mean255
             if fancy_pca_sigma:
                 # one operator for the sum over k: each operator costs a few us a sample
-                alpha = fn.random.normal(shape=[1, 3])
+                alpha = fn.random.normal(shape=[1, 3], seed=seeds[3])
                 mean = fn.reshape(fn.coord_transform(alpha, M=lighting, T=mean255), shape=[3])
             # only the crop's window is decoded (ROI decoding): 227 x 227 of the 256 x 256
             window = fn.decoders.image_crop(jpg, output_type=types.RGB, crop=(CROP, CROP), crop_pos_x=x,
                                             crop_pos_y=y, **decoder)
+            if uint8:  # the flip and the layout only
+                out = fn.crop_mirror_normalize(window, mirror=mirror, dtype=types.UINT8, output_layout=layout)
+                if not fancy_pca_sigma:
+                    mean = fn.constant(fdata=mean255, shape=[3])
+                return out, mean, labels
             out = fn.crop_mirror_normalize(window, mirror=mirror, mean=mean, std=std255, dtype=out_type,
                                            output_layout=layout)
             if with_params:
@@ -178,6 +197,7 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
         return fn.stack(*[crop(x, y, m) for m in (0, 1) for x, y in corners]), labels
 
     pipe = pipeline(batch_size=batch_size, num_threads=num_threads or len(os.sched_getaffinity(0)),
+                    prefetch_queue_depth=prefetch_queue_depth,
                     device_id=(device.index or 0) if gpu else None, seed=rank_seed(seed, rank),
                     checkpoint=None if state is None else state["dali"])
     try:
@@ -186,10 +206,19 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
         if state is None:
             raise
         raise StaleLoaderState(" ".join(str(e).split())) from None
-    names = ["images", "labels"] + (["params", "source"] if with_params else [])
+    names = (["images", "mean", "labels"] if uint8 else
+             ["images", "labels"] + (["params", "source"] if with_params else []))
     iterator = DALIGenericIterator([pipe], names, reader_name="reader", auto_reset=True,
                                    last_batch_policy=LastBatchPolicy.PARTIAL)
-    return Loader(iterator, device, dtype, channels_last)
+    return Loader(iterator, device, torch.uint8 if uint8 else dtype, channels_last)
+
+
+def normalise(images: torch.Tensor, mean: torch.Tensor, std: list, dtype=torch.float32) -> torch.Tensor:
+    """What build_loader's float path hands over, from its uint8 one: images uint8 [B, 3, H, W] (either
+    memory format, kept), mean [B, 3] pixel units as yielded, std the normalisation's ([3], [0, 1] units)
+    -> (images - mean) / (255 std) as dtype. One elementwise pass: under torch.compile, one kernel."""
+    std255 = torch.tensor([255.0 * s for s in std], device=images.device)
+    return ((images.float() - mean[:, :, None, None]) / std255[:, None, None]).to(dtype)
 
 
 class StaleLoaderState(ValueError):
@@ -216,6 +245,8 @@ class Loader:
             labels = _parse_labels(out["labels"]).to(self.device, non_blocking=True)
             if "params" in out:
                 yield images, labels, {"keys": _parse_keys(out["source"]), "params": out["params"].round().long()}
+            elif "mean" in out:
+                yield images, labels, out["mean"].to(self.device, non_blocking=True)
             else:
                 yield images, labels
 

@@ -248,6 +248,42 @@ def test_gpu_pipeline_matches_cpu(local_shards):
             assert diff.mean() < 0.02 and diff.max() < 0.5, (key, x, y, flip)
 
 
+@pytest.mark.parametrize("sigma", [0.1, 0.0])
+def test_the_uint8_hand_over_normalised_in_the_step_is_the_float_paths_input(local_shards, sigma):
+    """The same seed draws the same crops, flips and Fancy PCA offsets on both paths; normalise() of the
+    uint8 crops with the yielded means is the float path's batch, to float32's rounding."""
+    from pipeline.loader import normalise
+
+    options = dict(batch_size=8, seed=3, fancy_pca_sigma=sigma, inputs="standardised")
+    floats, uint8 = (list(build_loader(local_shards, **options, uint8=u)) for u in (False, True))
+    std = json.loads((local_shards / "pca.json").read_text())["std"]
+    assert len(floats) == len(uint8) > 1
+    for (images, labels), (pixels, labels8, mean) in zip(floats, uint8):
+        assert pixels.dtype == torch.uint8 and pixels.shape == images.shape and mean.shape == (len(labels), 3)
+        assert torch.equal(labels, labels8)
+        torch.testing.assert_close(normalise(pixels, mean, std), images, rtol=1e-5, atol=1e-5)
+    offsets = torch.cat([mean for _, _, mean in uint8])  # Fancy PCA's: one per image, or none
+    assert (offsets.std(0) > 0.1).all() if sigma else (offsets == offsets[0]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_uint8_hand_over_on_the_gpu_is_the_float_paths_bf16_input(local_shards):
+    """As the trainer takes it on CUDA: bf16, channels-last; equal to bf16's rounding (8 bits of mantissa)."""
+    from pipeline.loader import normalise
+
+    options = dict(batch_size=8, seed=3, inputs="standardised", device="cuda:0", dtype=torch.bfloat16,
+                   channels_last=True)
+    floats, uint8 = (list(build_loader(local_shards, **options, uint8=u)) for u in (False, True))
+    std = json.loads((local_shards / "pca.json").read_text())["std"]
+    for (images, labels), (pixels, labels8, mean) in zip(floats, uint8):
+        assert mean.device.type == "cuda" and pixels.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(labels, labels8)
+        ours = normalise(pixels, mean, std, torch.bfloat16)
+        assert ours.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(ours, images, rtol=2 ** -7, atol=2 ** -7)
+
+
 def rank_correlation(a, b):
     """Spearman's rho of the positions of the same keys in two orders."""
     where = {key: i for i, key in enumerate(b)}

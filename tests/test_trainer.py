@@ -152,7 +152,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_losses(shards, cl
 def test_a_short_run_writes_its_run_folder(shards, tmp_path):
     out = tmp_path / "run"
     result = train(shards, out, "--epochs", 1, "--batch-size", 8, "--log-every", 1)
-    assert "epoch 1 step 3/3: loss" in result.stderr and "data wait" in result.stderr
+    assert "epoch 1 step 3/3: loss" in result.stderr and "data wait" in result.stderr and "device wait" in result.stderr
     assert "ten-crop: val top-1 error" in result.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["lr"] == 0.01 and config["momentum"] == 0.9 and config["weight_decay"] == 5e-4
@@ -160,8 +160,9 @@ def test_a_short_run_writes_its_run_folder(shards, tmp_path):
     assert config["inputs"] == "raw"  # the paper's, with its init
     steps, (epoch,), (final,) = metrics(out, "step"), metrics(out, "epoch"), metrics(out, "final")
     assert [m["step"] for m in steps] == [1, 2, 3]
-    assert {"loss", "lr", "img_s", "data_wait"} <= set(steps[0])
+    assert {"loss", "lr", "img_s", "data_wait", "device_wait"} <= set(steps[0])
     assert {"top1", "top5", "data_wait", "train_loss", "lr"} <= set(epoch) and 0 <= epoch["data_wait"] < 1
+    assert epoch["device_wait"] < 1e-3  # the CPU's step is synchronous: the host never waits for it
     assert 0 <= final["top1_ten_crop"] <= 1
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "scheduler", "rng", "loader"}
@@ -180,7 +181,7 @@ def test_a_short_run_writes_its_run_folder(shards, tmp_path):
     scalars = {tag: board.Scalars(tag) for tag in board.Tags()["scalars"]}
     assert [e.step for e in scalars["train/loss"]] == [1, 2, 3]  # float32 in the events
     assert [e.value for e in scalars["train/loss"]] == pytest.approx([m["loss"] for m in steps], rel=1e-6)
-    assert {"train/lr", "train/img_s", "train/data_wait", "val/top5_error", "val/top1_error_ten_crop"} <= set(scalars)
+    assert {"train/lr", "train/img_s", "train/data_wait", "train/device_wait", "val/top5_error", "val/top1_error_ten_crop"} <= set(scalars)
     assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in scalars["val/top1_error"]] == [(1, epoch["top1"])]
     assert board.Tags()["images"] == ["conv1/kernels"] and len(board.Images("conv1/kernels")) == 1
     assert "_hparams_/experiment" in board.PluginTagToContent("hparams")
@@ -261,6 +262,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pa
     (["--shards", "SHARDS", "--momentum", "nan"], "--momentum must be 0 or more, not nan"),
     (["--shards", "SHARDS", "--lr-factor", "10"], "--lr-factor must be below 1, not 10.0"),
     (["--shards", "SHARDS", "--dropout", "1"], "--dropout must be below 1, not 1.0"),
+    (["--shards", "SHARDS", "--hw-decoder-load", "1.5"], "--hw-decoder-load must be 1 or less, not 1.5"),
+    (["--shards", "SHARDS", "--prefetch-queue-depth", "0"], "--prefetch-queue-depth must be 1 or more, not 0"),
+    (["--shards", "SHARDS", "--compile-mode", "max-autotune"], "argument --compile-mode: invalid choice"),
+    (["--shards", "SHARDS", "--workers", "2", "--compile-mode", "reduce-overhead"],
+     "--compile-mode reduce-overhead (CUDA graphs) is for one process"),
     (["--shards", "SHARDS", "--out", "README.md"], "cannot write into --out " + str(REPO / "README.md") + ": it is a file"),
     (["--shards", "SHARDS", "--workers", "2", "--address", "127.0.0.1:1"],
      "no Ray cluster answers at 127.0.0.1:1 (Connection refused): start one there"),
@@ -495,3 +501,23 @@ def test_a_model_that_does_not_compile_runs_eager_after_one_warning(monkeypatch,
     warnings = [r.getMessage() for r in caplog.records if r.name == "trainer"]
     assert len(warnings) == 1 and re.match(r"torch\.compile failed \(.*InvalidCxxCompiler.*\): the model runs eager",
                                            warnings[0]), warnings
+
+
+def test_the_uint8_hand_over_trains_as_the_float_one(local_shards, tmp_path):
+    """The same seed, the same steps: the step normalising the uint8 crops (Fancy PCA's offsets in their
+    means) gives the float hand-over's losses, to float32's rounding on the CPU."""
+    from trainer.config import Config
+    from trainer.loop import Trainer
+
+    losses = {}
+    for uint8 in (False, True):
+        trainer = Trainer(Config(shards=str(local_shards), out=str(tmp_path / f"uint8-{uint8}"), batch_size=4,
+                                 init="torch", optimizer="adam", lr=1e-4, device="cpu", verify_shards=False,
+                                 uint8_handover=uint8, dali_threads=2 if uint8 else 0))
+        # DALI's threads: all the cores on the CPU by default (the step's cores minus two on CUDA), or as asked
+        assert trainer.loader_options["num_threads"] == (2 if uint8 else len(os.sched_getaffinity(0)))
+        batches = [next(trainer.batches) for _ in range(2)]
+        assert [len(b) for b in batches] == [3 if uint8 else 2] * 2 and batches[0][0].dtype == (
+            torch.uint8 if uint8 else torch.float32)
+        losses[uint8] = [trainer.train_step(*batch).item() for batch in batches]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -23,10 +23,12 @@ from pipeline.loader import CROP
 from trainer.model import AlexNet
 
 
-def model_rate(device, batch_size, seconds, bf16=True, channels_last=None, compile_mode=None) -> float:
+def model_rate(device, batch_size, seconds, bf16=True, channels_last=None, compile_mode=None, beside=None) -> float:
     """img/s of AlexNet's training step (1000 classes) on random [batch_size, 3, 227, 227] batches, as the
     trainer takes it: bf16 autocast (`bf16`) and channels_last memory (default: on CUDA). compile_mode:
-    torch.compile's mode for the model ("default"; "reduce-overhead" replays CUDA graphs), None: eager."""
+    torch.compile's mode for the model ("default"; "reduce-overhead" replays CUDA graphs), None: eager.
+    beside: an endless iterator of the input pipeline's batches, one taken and thrown away each step: the
+    step on its fixed batch while the pipeline shares the device (and the cores) with it."""
     gpu = torch.device(device).type == "cuda"
     memory = torch.channels_last if (gpu if channels_last is None else channels_last) else torch.contiguous_format
     model = AlexNet(num_classes=1000).to(device).to(memory_format=memory)
@@ -42,6 +44,8 @@ def model_rate(device, batch_size, seconds, bf16=True, channels_last=None, compi
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if beside is not None:
+                next(beside)
             if gpu:
                 torch.cuda.synchronize()
             yield batch_size

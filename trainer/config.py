@@ -41,6 +41,12 @@ class Config:
     device: str = ""  # cpu or cuda; default cuda if present
     gpus_per_worker: int = 1  # (also --gpus) 2: tower 0 on the first GPU, tower 1 on the second (section 3.2)
     compile: bool = True  # torch.compile the training step's model on CUDA with --gpus 1 (AlexNet's step 1.8x faster on an H100, gpu-check measures it); eager on the CPU
+    compile_mode: str = "default"  # torch.compile's mode: reduce-overhead replays the step as CUDA graphs (one per batch shape, the partial last batch its own); one process only
+    dali_threads: int = 0  # DALI's CPU threads per pipeline; 0: on CUDA the worker's cores minus two (at least 1), a core left to the thread that launches the step; on the CPU all of them
+    hw_decoder_load: float = 0.65  # on CUDA, the share of JPEGs for the hardware decoder (NVJPG engines, off the SMs); the rest nvJPEG's hybrid decode (DALI's default 0.65)
+    prefetch_queue_depth: int = 2  # batches each DALI pipeline prepares ahead (DALI's default 2)
+    uint8_handover: bool = False  # the train pipeline hands over uint8 crops and each image's mean [B, 3]; the step normalises (Fancy PCA's offset included) and casts: a quarter of the bytes
+    async_checkpoint: bool = True  # write checkpoints in a thread from a copy in host memory, the steps going on (written whole or not at all either way)
     workers: int = 0  # data-parallel replicas on Ray Train; 0: this process alone (torchrun sets its own)
     cpus_per_worker: int = 0  # CPU cores of a worker (Ray Train, torchrun): its torch and DALI threads; 0: the node's cores divided by its workers (a Ray Train worker then asks Ray for 1)
     address: str = ""  # the Ray cluster for --workers; default $RAY_ADDRESS, else a private Ray on 127.0.0.1
@@ -58,11 +64,13 @@ class Config:
 
 
 CHOICES = {"optimizer": ("sgd", "adam"), "recipe": tuple(RECIPES), "inputs": INPUTS, "device": ("cpu", "cuda"),
-           "gpus_per_worker": (1, 2)}
+           "gpus_per_worker": (1, 2), "compile_mode": ("default", "reduce-overhead")}
 AT_LEAST = {"epochs": 1, "batch_size": 1, "log_every": 1, "cpus_per_worker": 0, "workers": 0, "max_failures": 0,
             "steps_per_epoch": 0, "checkpoint_minutes": 0, "lr": 0, "momentum": 0, "weight_decay": 0,
-            "lr_factor": 0, "lr_patience": 1, "dropout": 0, "fancy_pca_sigma": 0}
+            "lr_factor": 0, "lr_patience": 1, "dropout": 0, "fancy_pca_sigma": 0, "dali_threads": 0,
+            "hw_decoder_load": 0, "prefetch_queue_depth": 1}
 BELOW = {"lr_factor": 1, "dropout": 1}
+AT_MOST = {"hw_decoder_load": 1}
 
 
 def field_help() -> dict:
@@ -95,7 +103,12 @@ def parse_args(argv=None, doc=None) -> Config:
     for name, bound in BELOW.items():
         if not getattr(config, name) < bound:
             p.error(f"--{name.replace('_', '-')} must be below {bound}, not {getattr(config, name)}")
+    for name, bound in AT_MOST.items():
+        if not getattr(config, name) <= bound:
+            p.error(f"--{name.replace('_', '-')} must be {bound} or less, not {getattr(config, name)}")
     world = config.workers or int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets WORLD_SIZE
+    if config.compile_mode == "reduce-overhead" and world > 1:  # DDP's all-reduce hooks are not captured in a graph
+        p.error("--compile-mode reduce-overhead (CUDA graphs) is for one process; with several use the default")
     if config.batch_size % world:
         p.error(f"--batch-size {config.batch_size} is the global batch and must split evenly over {world} "
                 f"workers: choose a multiple of {world}")

@@ -8,17 +8,21 @@ in-process), no network. It writes OUT/report.json and OUT/report.md and prints 
 
   environment  the GPU (nvidia-smi's name), its driver, the CPU cores, the versions
   gpu tests    python -m pytest -m gpu: how many passed, failed, were skipped
-  pipeline     at each batch size, on shards it makes (ImageNet-shaped: 256 x 256 baseline JPEGs):
-               decode_only (nvJPEG, DALI's "mixed"), train_pipeline (build_loader on the GPU),
-               cpu_decode (the same pipeline on the CPU), DALI threads at 1, 4 and all cores, and
-               the hardware decoder's share (hw_decoder_load) at 0, DALI's default and 1
-  model        AlexNet's training step, img/s: bf16 + channels_last eager, with cudnn.benchmark off,
-               fp32 with TF32 and without, torch.compile, CUDA graphs (torch.compile's "reduce-overhead")
-  headline     train_pipeline / model, the model compiled as the trainer runs it on CUDA (eager on
-               the CPU): at 1 or more the GPU never waits on data
-  training     about 300 steps of the paper's recipe (python -m trainer.run): img/s of the first
-               epoch (compiling included) and of the last, the last one's data wait, whole and by
-               quarter; with two GPUs, the split net (--gpus 2) beside it
+  pipeline     on shards it makes (ImageNet-shaped: 256 x 256 baseline JPEGs), batch 128: decode_only
+               (nvJPEG, DALI's "mixed"), train_pipeline (build_loader on the GPU), cpu_decode (the same
+               pipeline on the CPU), DALI threads at 1, 4, the cores minus two and all cores, the uint8
+               hand-over
+  model        AlexNet's training step alone, img/s: torch.compile, CUDA graphs (torch.compile's
+               "reduce-overhead"), fp32 eager on the CPU; and compiled beside the pipeline, which runs
+               on the same GPU with its batches thrown away (what sharing the device costs the step)
+  training     the real loop (python -m trainer.run), 4 epochs of 28 steps, at the defaults and under
+               each option alone (all cores for DALI, hw_decoder_load 1, the uint8 hand-over, CUDA
+               graphs), then the options that beat the defaults together; each row: img/s over the last
+               half of the epochs without each epoch's first quarter (after the val pass and the
+               checkpoint, given apart), its share of the step alone, the data wait and the device wait
+               (trainer/waits.py); with two GPUs, the split net (--gpus 2) beside them
+  headline     the defaults' run img/s / the step alone, compiled as the trainer runs it (eager on the
+               CPU): at 1 the GPU never waits on anything but the step
 
 Without a GPU every CUDA row says so and the rest runs on the CPU, so that CI runs all of it but
 the CUDA calls. Figures are measured in this run; nothing is projected.
@@ -127,80 +131,122 @@ def pipeline_rows(shards, gpu, batch_sizes, seconds, cores) -> list:
                  ("baseline (webdataset + Pillow)", batch, figures.get("baseline", "webdataset is not installed"))]
         rows.append(("cpu_decode", batch, train_pipeline(device="cpu") if gpu else "no GPU: train_pipeline is it"))
     batch = batch_sizes[0]
-    for threads in sorted({1, min(4, cores), cores}):
+    for threads in sorted({1, min(4, cores), max(1, cores - 2), cores}):  # cores - 2: the trainer's default on CUDA
         rows.append((f"train_pipeline, {threads} DALI threads", batch, train_pipeline(num_threads=threads)))
-    for load in (0.0, None, 1.0):
-        name = f"train_pipeline, hw_decoder_load {'DALI default' if load is None else load}"
-        rows.append((name, batch, train_pipeline(hw_decoder_load=load) if gpu else "no GPU"))
+    rows.append(("train_pipeline, uint8 hand-over", batch, train_pipeline(uint8=True)))
     return rows
 
 
-def model_rows(gpu, batch_sizes, seconds) -> list:
+def model_rows(shards, gpu, batch_sizes, seconds) -> list:
+    """AlexNet's step alone, compiled and under CUDA graphs on CUDA, eager on the CPU (as the trainer runs
+    it there); and the same beside the input pipeline, whose batches it throws away."""
+    import itertools
+
+    from pipeline import build_loader
     from trainer.bench import model_rate
 
     device = "cuda:0" if gpu else "cpu"
-    rows = []
-    for batch in batch_sizes:
-        rows.append(("model: bf16, channels_last, eager" if gpu else "model: fp32, eager", batch,
-                     measured(model_rate, device, batch, seconds)))
     batch = batch_sizes[0]
-    if not gpu:
-        return rows + [(name, batch, "no GPU") for name in (
-            "model: cudnn.benchmark off", "model: fp32, TF32", "model: fp32, no TF32", "model: torch.compile",
-            "model: CUDA graphs (compile reduce-overhead)")]
-    torch.backends.cudnn.benchmark = False
-    rows.append(("model: cudnn.benchmark off", batch, measured(model_rate, device, batch, seconds)))
-    torch.backends.cudnn.benchmark = True
-    for tf32 in (True, False):
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-        rows.append((f"model: fp32, {'TF32' if tf32 else 'no TF32'}", batch,
-                     measured(model_rate, device, batch, seconds, bf16=False)))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    for mode, name in (("default", "model: torch.compile"), ("reduce-overhead", "model: CUDA graphs (compile reduce-overhead)")):
-        rows.append((name, batch, measured(model_rate, device, batch, seconds, compile_mode=mode)))
+    rows = [] if gpu else [("model: fp32, eager", batch, measured(model_rate, device, batch, seconds))]
+    modes = (("default", "model: torch.compile"), ("reduce-overhead", "model: CUDA graphs (compile reduce-overhead)"))
+    rows += [(name, batch, measured(model_rate, device, batch, seconds, compile_mode=mode) if gpu else "no GPU")
+             for mode, name in modes]
+
+    def beside():
+        loader = build_loader(str(shards), batch_size=batch, device=device, channels_last=gpu,
+                              dtype=torch.bfloat16 if gpu else torch.float32)
+        return (images for _ in itertools.count() for images, _ in loader)
+
+    rows.append((f"{'model: torch.compile' if gpu else 'model: fp32, eager'}, the pipeline beside it "
+                 f"(its batches thrown away)", batch,
+                 measured(lambda: model_rate(device, batch, seconds, compile_mode="default" if gpu else None,
+                                             beside=beside()))))
     return rows
 
 
-def training_rows(shards, folder, gpu, steps, batch) -> list:
-    """A run of about `steps` steps of the paper's recipe through python -m trainer.run (as many epochs of
-    the shards as that takes), compiled on the GPU as the trainer runs; with two GPUs, the split net
-    (--gpus 2) too. The first epoch's figures include the start (compiling, cuDNN's timing, the pipeline's
-    first batches); the last epoch's are the steady state."""
+def training_options(cores) -> list:
+    """[(row, trainer.run's flags)]: the training loop under each option that keeps the pipeline out of the
+    step's way (README, "On a GPU"), each alone against the defaults."""
+    return [("defaults", []), (f"DALI threads {cores} (all cores)", ["--dali-threads", str(cores)]),
+            ("hw_decoder_load 1", ["--hw-decoder-load", "1"]), ("uint8 hand-over", ["--uint8-handover"]),
+            ("CUDA graphs", ["--compile-mode", "reduce-overhead"])]
+
+
+def training_run(shards, out, flags, steps, batch) -> dict | str:
+    """python -m trainer.run for about `steps` steps of the paper's recipe (whole epochs of the shards),
+    compiled on the GPU as the trainer runs; -> its figures, or why it failed. steady: the last half of
+    the epochs without each epoch's first quarter, which follows the val pass and the checkpoint
+    (`first_quarter`, apart); img/s, data wait and device wait pooled over those windows' time."""
     from pipeline.manifest import read_manifest
 
     per_epoch = min(steps, -(-read_manifest(shards)["splits"]["train"]["samples"] // batch))  # the loader's epochs
     epochs = -(-steps // per_epoch)
-    runs = [("--gpus 1", ["--gpus", "1"])]
-    runs += [("--gpus 2", ["--gpus", "2"])] if gpu and torch.cuda.device_count() >= 2 else []
-    rows = []
+    every = max(1, per_epoch // 4)
+    cmd = [sys.executable, "-m", "trainer.run", "--shards", str(shards), "--out", str(out), "--epochs", str(epochs),
+           "--steps-per-epoch", str(per_epoch), "--batch-size", str(batch), "--no-ten-crop", "--no-verify-shards",
+           "--log-every", str(every), "--checkpoint-minutes", "1000", *flags]
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=LIMIT_S)
+    except subprocess.TimeoutExpired:
+        return f"failed: still running after {LIMIT_S} s"
+    if result.returncode:
+        return f"failed ({result.returncode}): {result.stderr.strip().splitlines()[-1][:200]}"
+    with open(out / "metrics.jsonl") as f:
+        metrics = [json.loads(line) for line in f]
+    windows, last = [], {}  # per logged window: epoch, first of its epoch, images, seconds, data wait s, device wait s
+    for m in (m for m in metrics if m["kind"] == "step"):
+        images = (m["step"] - last.get(m["epoch"], (m["epoch"] - 1) * per_epoch)) * batch
+        seconds = images / m["img_s"]
+        windows.append((m["epoch"], m["epoch"] not in last, images, seconds, m["data_wait"] * seconds,
+                        m["device_wait"] * seconds))
+        last[m["epoch"]] = m["step"]
+    steady = [w for w in windows if w[0] > epochs // 2 and not w[1]] or [w for w in windows if w[0] == epochs]
+
+    def pooled(ws):  # -> img/s, data wait, device wait over the windows' time
+        images, seconds, data, device = (sum(w[i] for w in ws) for i in (2, 3, 4, 5))
+        return images / seconds, data / seconds, device / seconds
+
+    img_s, data_wait, device_wait = pooled(steady)
+    return {"img_s": img_s, "data_wait": data_wait, "device_wait": device_wait,
+            "first_quarter_img_s": pooled([w for w in windows if w[1]])[0],
+            "first_epoch_img_s": next(m for m in metrics if m["kind"] == "epoch")["img_s"], "epochs": epochs,
+            "steps_per_epoch": per_epoch, "wall_s": time.perf_counter() - started}
+
+
+def training_rows(shards, folder, gpu, steps, batch, cores, step_alone) -> tuple[list, dict]:
+    """The training loop under each option, then under every option that beat the defaults together; with
+    two GPUs, the split net (--gpus 2). -> (rows, {row: figures}); step_alone: the step's img/s alone,
+    each row's share of it."""
+    runs = training_options(cores)
+    figures, rows = {}, []
+    suffix = "" if gpu else " (CPU)"
+
+    def run(label, flags):
+        out = folder / ("run-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"))
+        figures[label] = result = training_run(shards, out, flags, steps, batch)
+        if isinstance(result, str):
+            rows.append((f"training, {label}{suffix}", batch, result))
+            return
+        share = f" ({result['img_s'] / step_alone:.2f} of the step alone)" if isinstance(step_alone, float) else ""
+        rows.append((f"training, {label}{suffix}", batch,
+                     f"{result['img_s']:,.0f} img/s{share}, data wait {100 * result['data_wait']:.1f}%, device wait "
+                     f"{100 * result['device_wait']:.1f}%; each epoch's first quarter "
+                     f"{result['first_quarter_img_s']:,.0f} img/s; first epoch {result['first_epoch_img_s']:,.0f} "
+                     f"img/s; {result['epochs']} epoch(s) of {result['steps_per_epoch']} steps in "
+                     f"{result['wall_s']:.0f} s"))
+
     for label, flags in runs:
-        out = folder / f"run{''.join(flags).replace('-', '')}"
-        cmd = [sys.executable, "-m", "trainer.run", "--shards", str(shards), "--out", str(out), "--epochs", str(epochs),
-               "--steps-per-epoch", str(per_epoch), "--batch-size", str(batch), "--no-ten-crop", "--no-verify-shards",
-               "--log-every", str(max(1, per_epoch // 4)), "--checkpoint-minutes", "1000", *flags]
-        started = time.perf_counter()
-        name = f"training, first epoch ({per_epoch} steps), {label}" + ("" if gpu else " (CPU)")
-        try:
-            result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=LIMIT_S)
-        except subprocess.TimeoutExpired:
-            rows.append((name, batch, f"failed: still running after {LIMIT_S} s"))
-            continue
-        if result.returncode:
-            rows.append((name, batch, f"failed ({result.returncode}): {result.stderr.strip().splitlines()[-1][:200]}"))
-            continue
-        with open(out / "metrics.jsonl") as f:
-            metrics = [json.loads(line) for line in f]
-        epoch_figures = [m for m in metrics if m["kind"] == "epoch"]
-        first, last = epoch_figures[0], epoch_figures[-1]
-        windows = [m for m in metrics if m["kind"] == "step" and m["epoch"] == last["epoch"]]
-        rows += [(name, batch, first["img_s"]),
-                 (f"training, last epoch, {label}", batch, last["img_s"]),
-                 (f"training, data wait (share of step time), last epoch, {label}", batch,
-                  f"{100 * last['data_wait']:.1f}%"),
-                 (f"training, data wait by quarter of the last epoch, {label}", batch,  # where in an epoch it waits
-                  " / ".join(f"{100 * m['data_wait']:.1f}%" for m in windows)),
-                 (f"training, wall time of {epochs} epochs, {label}", batch, f"{time.perf_counter() - started:.0f} s")]
-    return rows
+        run(label, flags)
+    base = figures["defaults"]
+    better = [flags for label, flags in runs[1:] if isinstance(base, dict) and isinstance(figures[label], dict)
+              and figures[label]["img_s"] > base["img_s"]]
+    if len(better) > 1:  # one alone is its own row already
+        together = [f for flags in better for f in flags]
+        run("best combination: " + " ".join(together), together)
+    if gpu and torch.cuda.device_count() >= 2:
+        run("--gpus 2", ["--gpus", "2"])
+    return rows, figures
 
 
 def gpu_tests() -> dict:
@@ -226,7 +272,7 @@ def markdown(report) -> str:
         else:  # pytest missing, or no test collected: its last line says which
             last = (t["tail"].strip().splitlines() or [""])[-1]
             lines += [f"gpu tests: did not run (pytest's exit status {t['exit_status']}): {last}", ""]
-    lines += [f"**headline: train_pipeline / model = {report['headline']}**", "",
+    lines += [f"**headline: the run's img/s / the step alone = {report['headline']}**", "",
               "| figure | batch | img/s |", "| --- | --- | --- |"]
     for name, batch, value in report["rows"]:
         lines.append(f"| {name} | {batch} | {value:,.0f} |" if isinstance(value, float) else f"| {name} | {batch} | {value} |")
@@ -240,7 +286,7 @@ def main(argv=None):
     p.add_argument("--tests", action=argparse.BooleanOptionalAction, default=True, help="run python -m pytest -m gpu first")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available()
-    images, batch_sizes, seconds, steps = (48, [8], 0.2, 2) if args.quick else (4096, [128, 256], 4.0, 300)
+    images, batch_sizes, seconds, steps = (48, [8], 0.2, 2) if args.quick else (4096, [128], 4.0, 112)
     cores = len(os.sched_getaffinity(0))
     folder = Path(args.out)
     try:
@@ -254,20 +300,27 @@ def main(argv=None):
     print(f"gpu-check: {report['environment']['gpus'][0]}, {cores} cores, into {folder}", flush=True)
     report["rows"] = []
 
+    def step_alone():  # as the trainer runs it: compiled on CUDA, eager on the CPU
+        return {name: value for name, _, value in report["rows"]}.get("model: torch.compile" if gpu else
+                                                                       "model: fp32, eager")
+
     def save():  # after each section: a run cut short still leaves what it measured
-        first = {name: value for name, batch, value in report["rows"] if batch == batch_sizes[0]}
-        pipe, model = first.get("train_pipeline"), first.get("model: torch.compile" if gpu else "model: fp32, eager")
-        both = isinstance(pipe, float) and isinstance(model, float)
-        report["headline"] = f"{pipe / model:.2f}" if both else "not measured"
+        run, step = report["training"].get("defaults"), step_alone()
+        both = isinstance(run, dict) and isinstance(step, float)
+        report["headline"] = f"{run['img_s'] / step:.2f}" if both else "not measured"
         (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         (folder / "report.md").write_text(markdown(report))
+
+    def training():
+        rows, report["training"] = training_rows(shards, folder, gpu, steps, batch_sizes[0], cores, step_alone())
+        return rows
 
     if args.tests:
         report["gpu_tests"] = gpu_tests()
     shards = make_shards(folder, images, processes=cores)
+    report["training"] = {}
     for section in (lambda: pipeline_rows(shards, gpu, batch_sizes, seconds, cores),
-                    lambda: model_rows(gpu, batch_sizes, seconds),
-                    lambda: training_rows(shards, folder, gpu, steps, batch_sizes[0])):
+                    lambda: model_rows(shards, gpu, batch_sizes, seconds), training):
         report["rows"] += section()
         save()
         print(f"gpu-check: {len(report['rows'])} rows, {time.perf_counter() - started:.0f} s", flush=True)

@@ -4,13 +4,16 @@ It knows its rank and world size (trainer/ranks.py) and nothing of how it was st
 (trainer/launch.py). Around it: trainer/checkpoint.py writes and reads the run's state,
 trainer/reports.py tells people about it, trainer/stop.py says when to stop early.
 """
+import functools
 import itertools
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +27,7 @@ from trainer.schedule import Plateau
 from trainer.ranks import Ranks
 from trainer.reports import Reports
 from trainer.stop import StopRequest
+from trainer.waits import Waits, clock_of
 
 log = logging.getLogger("trainer")
 EXPLODED = 2  # a step's loss above this many times chance's, ln(classes), in the first epoch: a collapse
@@ -34,14 +38,18 @@ class Compiled:
     """net under torch.compile, static shapes (an epoch's partial last batch adds one graph, once, and the
     full batch keeps its own). Where compiling fails (a GPU too old for Triton, no C compiler for its
     launcher), that is said in one line and net runs eager from then on: the failure comes while
-    compiling, before the step ran."""
+    compiling, before the step ran. mode "reduce-overhead" replays CUDA graphs, one a batch shape; each
+    call is a new step of them (their outputs are overwritten by the next replay)."""
 
-    def __init__(self, net, warn=True):
-        self.net, self.compiled, self.warn = net, torch.compile(net, dynamic=False), warn
+    def __init__(self, net, warn=True, mode="default"):
+        self.net, self.compiled, self.warn = net, torch.compile(net, dynamic=False, mode=mode), warn
+        self.graphs = mode == "reduce-overhead"
 
     def __call__(self, *args):
         if self.compiled is not None:
             try:
+                if self.graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 return self.compiled(*args)
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 if self.warn:
@@ -63,7 +71,7 @@ class Trainer:
         devices: the towers' device(s), by default from config; on_save(trainer): called on every rank
         after each checkpoint (Ray Train reports it); stop: the StopRequest this process answers to."""
         from pipeline import build_loader  # the data half; the trainer only sees torch tensors
-        from pipeline.loader import StaleLoaderState, normalisation_of
+        from pipeline.loader import StaleLoaderState, normalisation_of, normalise
         from pipeline.manifest import read_manifest, read_pca
 
         self.config, self.out, self.on_save = config, Path(config.out), on_save
@@ -105,19 +113,27 @@ class Trainer:
         # DDP: gradients averaged over the replicas during backward; a module over two GPUs works too
         self.net = (nn.parallel.DistributedDataParallel(self.model, gradient_as_bucket_view=True)  # no copy into buckets
                     if self.ranks.world > 1 else self.model)
+        # --uint8-handover: the step normalises the uint8 crops, [B, 3] means in pixel units, in one pass
+        self.normalise = functools.partial(normalise, std=self.about["normalisation"]["std"],
+                                           dtype=torch.bfloat16 if gpu else torch.float32)
         if gpu and config.compile and len(set(devices)) == 1:  # compiled at the first step; eval stays eager
-            self.net = Compiled(self.net, warn=self.ranks.master)
+            self.net = Compiled(self.net, warn=self.ranks.master, mode=config.compile_mode)
+            self.normalise = Compiled(self.normalise, warn=False)  # one kernel: uint8 in, bf16 out
             if self.ranks.master:
                 log.info("the model is compiled at its first step and at the first partial batch (about a minute "
                          "each on an H100); --no-compile runs it eager")
+        cores = config.cpus_per_worker or len(os.sched_getaffinity(0))  # a worker's (trainer/launch.py)
         self.loader_options = dict(device=self.device, channels_last=gpu, rank=self.ranks.rank,
                                    world_size=self.ranks.world, dtype=torch.bfloat16 if gpu else torch.float32,
                                    normalisation=self.about["normalisation"],
-                                   num_threads=config.cpus_per_worker if self.ranks.world > 1 else None)
+                                   num_threads=config.dali_threads or (max(1, cores - 2) if gpu else cores),
+                                   hw_decoder_load=config.hw_decoder_load,
+                                   prefetch_queue_depth=config.prefetch_queue_depth)
         self.batch_size = config.batch_size // self.ranks.world  # parse_args checked that it divides
         # one seed for all: the loader shares the shard order and gives each rank augmentation of its own
         train_options = dict(seed=config.seed, crops="random" if config.augment else "center",
-                             fancy_pca_sigma=config.fancy_pca_sigma, **self.loader_options)
+                             fancy_pca_sigma=config.fancy_pca_sigma, uint8=config.uint8_handover and config.augment,
+                             **self.loader_options)
         try:
             self.train_loader = build_loader(config.shards, "train", self.batch_size, state=loader_state,
                                              **train_options)
@@ -139,6 +155,8 @@ class Trainer:
         # training batches without end: a capped epoch (--steps-per-epoch) and the loader's epoch
         # need not coincide
         self.batches = (batch for _ in itertools.count() for batch in self.train_loader)
+        self.waits = Waits(clock_of(self.device))
+        self.writer = checkpoint.Writer() if config.async_checkpoint else None
 
     def on_master(self, work):
         """Run work() on rank 0 alone; what it raised is raised on every rank (none waits for rank 0 forever)."""
@@ -182,7 +200,7 @@ class Trainer:
         ranks = self.ranks.gather(mine)
 
         def write():
-            checkpoint.save(self.out, {
+            (self.writer.save if self.writer else checkpoint.save)(self.out, {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "epoch_step": self.epoch_step, "world_size": self.ranks.world,
@@ -191,7 +209,14 @@ class Trainer:
 
         self.on_master(write)
         if self.on_save:
+            self.written()  # Ray Train is told of the file: it must be there
             self.on_save(self)
+
+    def written(self):
+        """Until the checkpoint being written in the background is on disk (raising its CheckpointError on
+        every rank). Called on every rank at once."""
+        if self.writer:
+            self.on_master(self.writer.wait)
 
     def restore(self) -> dict | None:
         """Restore everything but the loader from the run's latest good checkpoint; -> this rank's loader
@@ -230,8 +255,11 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def train_step(self, images, labels) -> torch.Tensor:
-        """One SGD step on this rank's batch (DDP averages the gradients over the ranks); -> its loss."""
+    def train_step(self, images, labels, mean=None) -> torch.Tensor:
+        """One SGD step on this rank's batch (DDP averages the gradients over the ranks); -> its loss.
+        mean: with --uint8-handover, the images are uint8 crops and mean [B, 3] their normalisation's."""
+        if mean is not None:
+            images = self.normalise(images, mean)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             # a rank's last batch of an epoch may be partial, even empty: a sum over none is 0, not NaN
             loss = F.cross_entropy(self.net(images), labels.to(self.device), reduction="sum") / max(len(labels), 1)
@@ -245,15 +273,15 @@ class Trainer:
         is written)."""
         config = self.config
         started, first_step = time.perf_counter(), self.epoch_step
-        wait = window_wait = 0.0
+        wait = np.zeros(2)  # seconds: [data wait, device wait] of the epoch (trainer/waits.py)
+        window_wait = np.zeros(2)  # the same since the last log line
         window_start, window_images, images_seen, last_checkpoint = started, 0, 0, time.monotonic()
         self.model.train()
+        self.waits.idle()  # after a val pass and a checkpoint, or at the start
         while self.epoch_step < self.steps:
-            t0 = time.perf_counter()
-            images, labels = next(self.batches)  # blocks only if the pipeline is behind: the data wait
-            waited = time.perf_counter() - t0
-            wait, window_wait = wait + waited, window_wait + waited
-            loss = self.train_step(images, labels)
+            images, labels, *mean = self.waits.next_batch(self.batches)  # mean: with --uint8-handover
+            loss = self.train_step(images, labels, *mean)
+            self.waits.stepped()
             self.loss_sum[0] += loss.double() * len(labels)  # stays on the device: no sync a step
             self.loss_sum[1] += len(labels)
             torch.maximum(self.loss_peak, loss, out=self.loss_peak)
@@ -262,11 +290,14 @@ class Trainer:
             if self.epoch_step % config.log_every == 0 or self.epoch_step == self.steps:
                 elapsed = time.perf_counter() - window_start
                 due = time.monotonic() - last_checkpoint > 60 * config.checkpoint_minutes
-                # host sync: .item() waits for the device; over the ranks: the batch-weighted loss
-                ranks = self.ranks.all_ranks([loss.item() * len(labels), len(labels), window_images, window_wait, due,
+                value = self.waits.item(loss)  # host sync: waits for the device, so the waits' markers are reached
+                waited = self.waits.read()
+                wait, window_wait = wait + waited, window_wait + waited
+                # over the ranks: the batch-weighted loss, and the largest step loss since the last log step
+                ranks = self.ranks.all_ranks([value * len(labels), len(labels), window_images, *window_wait, due,
                                               self.loss_peak.item()])
-                loss_sum, n, window_images, window_wait, due, _ = ranks.sum(0).tolist()
-                worst, value, peak = ranks[:, 3].max().item(), loss_sum / n, ranks[:, 5].max().item()
+                loss_sum, n, window_images, window_data, window_device, due, _ = ranks.sum(0).tolist()
+                worst, value, peak = ranks[:, 3].max().item(), loss_sum / n, ranks[:, 6].max().item()
                 self.check_finite(value)
                 self.loss_peak.zero_()
                 if self.epoch == 0 and peak > EXPLODED * math.log(self.classes):
@@ -276,11 +307,13 @@ class Trainer:
                 if self.reports:
                     self.reports.step(self.epoch + 1, self.step, self.epoch_step, self.steps, value,
                                       self.optimizer.param_groups[0]["lr"], window_images / elapsed,
-                                      window_wait / self.ranks.world / elapsed, worst / elapsed, self.ranks.world,
+                                      window_data / self.ranks.world / elapsed, worst / elapsed,
+                                      window_device / self.ranks.world / elapsed, self.ranks.world,
                                       eta=(self.steps - self.epoch_step) * (time.perf_counter() - started) / done)
-                window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
+                window_start, window_images, window_wait = time.perf_counter(), 0, np.zeros(2)
                 if due:  # checked at log steps, where the ranks agree on it
                     self.save()
+                    self.waits.idle()  # the checkpoint copied the weights to the host: the device's queue is done
                     last_checkpoint = time.monotonic()
             if self.ranks.vote_to_stop(self.stop.asked) and self.epoch_step < self.steps:
                 self.ranks.end_vote()  # the vote begun beside this step: nothing left running behind the stop
@@ -288,11 +321,12 @@ class Trainer:
                 return None
         self.ranks.end_vote()  # an ask from the last step is answered at the epoch's end
         elapsed = time.perf_counter() - started
-        ranks = self.ranks.all_ranks([images_seen, wait, *self.loss_sum.tolist()])  # host sync, once an epoch
-        (images_seen, total_wait, loss_sum, n), max_wait = ranks.sum(0).tolist(), ranks[:, 1].max().item()
+        ranks = self.ranks.all_ranks([images_seen, *wait, *self.loss_sum.tolist()])  # host sync, once an epoch
+        (images_seen, data_wait, device_wait, loss_sum, n), max_wait = ranks.sum(0).tolist(), ranks[:, 1].max().item()
         self.loss_sum.zero_()
-        return {"train_loss": loss_sum / max(n, 1), "data_wait": total_wait / self.ranks.world / elapsed,
-                "data_wait_max": max_wait / elapsed, "img_s": images_seen / elapsed}
+        return {"train_loss": loss_sum / max(n, 1), "data_wait": data_wait / self.ranks.world / elapsed,
+                "data_wait_max": max_wait / elapsed, "device_wait": device_wait / self.ranks.world / elapsed,
+                "img_s": images_seen / elapsed}
 
     def collapsed(self, why: str):
         """The run looks dead (`why`): said once, in the log, metrics.jsonl and TensorBoard."""
@@ -360,6 +394,7 @@ class Trainer:
                 top1, top5, _ = self.evaluate(self.ten_crop_loader(), ten_crop=True)
                 if self.reports:
                     self.reports.final(self.epoch, top1, top5)
+            self.written()
             return 0
         finally:
             if self.reports:
@@ -367,6 +402,7 @@ class Trainer:
 
     def stopped(self) -> int:
         """The checkpoint is written; -> the exit status of a run stopped by a signal."""
+        self.written()
         if self.ranks.master:
             where = (f"at epoch {self.epoch + 1} step {self.epoch_step}/{self.steps}" if self.epoch_step else
                      f"after epoch {self.epoch}")

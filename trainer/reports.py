@@ -1,9 +1,14 @@
 """What rank 0 tells people about a run: log lines, metrics.jsonl, TensorBoard events, pictures.
 
 metrics.jsonl is append-only JSON lines: {"kind": "step", epoch, step, loss, lr, img_s, data_wait,
-data_wait_max, workers} per logged step, {"kind": "epoch", epoch, step, top1, top5, classes_predicted, lr,
-workers, train_loss, data_wait, data_wait_max, img_s} per epoch, {"kind": "collapse", epoch, step, why} once
-if the run stops learning (Trainer.collapsed), {"kind": "final", epoch, top1_ten_crop, top5_ten_crop} at the end. A resumed run appends; a step it redoes appears again, the later line wins.
+data_wait_max, device_wait, workers} per logged step, {"kind": "epoch", epoch, step, top1, top5,
+classes_predicted, lr, workers, train_loss, data_wait, data_wait_max, device_wait, img_s} per epoch,
+{"kind": "collapse", epoch, step, why} once if the run stops learning (Trainer.collapsed), {"kind": "final",
+epoch, top1_ten_crop, top5_ten_crop} at the end. data_wait: the share of the time the step waited because no
+batch was ready; device_wait: the share the host waited for the device, handing a batch over (the steps
+queued before it) or at a log step's loss.item() (trainer/waits.py); both averaged over the workers,
+data_wait_max the worst worker's.
+A resumed run appends; a step it redoes appears again, the later line wins.
 """
 import dataclasses
 import json
@@ -39,21 +44,23 @@ class Reports:
         for summary in hparams(values, {"val/top1_error": 0.0, "val/top5_error": 0.0}):
             self.board.file_writer.add_summary(summary)
 
-    def step(self, epoch, step, epoch_step, steps, loss, lr, img_s, data_wait, data_wait_max, workers, eta):
+    def step(self, epoch, step, epoch_step, steps, loss, lr, img_s, data_wait, data_wait_max, device_wait, workers,
+             eta):
         spread = f" (worst worker {100 * data_wait_max:.1f}%)" if workers > 1 else ""
-        log.info("epoch %d step %d/%d: loss %.4f, lr %.2g, %.1f img/s, data wait %.1f%%%s, ETA %.0fs",
-                 epoch, epoch_step, steps, loss, lr, img_s, 100 * data_wait, spread, eta)
+        log.info("epoch %d step %d/%d: loss %.4f, lr %.2g, %.1f img/s, data wait %.1f%%%s, device wait %.1f%%, "
+                 "ETA %.0fs", epoch, epoch_step, steps, loss, lr, img_s, 100 * data_wait, spread, 100 * device_wait,
+                 eta)
         self._write(kind="step", epoch=epoch, step=step, loss=loss, lr=lr, img_s=img_s, data_wait=data_wait,
-                    data_wait_max=data_wait_max, workers=workers)
+                    data_wait_max=data_wait_max, device_wait=device_wait, workers=workers)
         for name, figure in (("loss", loss), ("lr", lr), ("img_s", img_s), ("data_wait", data_wait),
-                             ("data_wait_max", data_wait_max)):
+                             ("data_wait_max", data_wait_max), ("device_wait", device_wait)):
             self.board.add_scalar(f"train/{name}", figure, step)
 
     def epoch(self, epoch, step, stats, top1, top5, predicted, lr, workers):
         val = "no val split" if top1 is None else f"val top-1 error {100 * top1:.2f}%, top-5 error {100 * top5:.2f}%"
         spread = f" (worst worker {100 * stats['data_wait_max']:.1f}%)" if workers > 1 else ""
-        log.info("epoch %d: train loss %.4f, %s, %.1f img/s, data wait %.1f%%%s", epoch,
-                 stats["train_loss"], val, stats["img_s"], 100 * stats["data_wait"], spread)
+        log.info("epoch %d: train loss %.4f, %s, %.1f img/s, data wait %.1f%%%s, device wait %.1f%%", epoch,
+                 stats["train_loss"], val, stats["img_s"], 100 * stats["data_wait"], spread, 100 * stats["device_wait"])
         self._write(kind="epoch", epoch=epoch, step=step, top1=top1, top5=top5, classes_predicted=predicted, lr=lr,
                     workers=workers, **stats)
         self.board.add_scalar("train/epoch_loss", stats["train_loss"], epoch)
