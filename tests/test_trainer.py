@@ -512,7 +512,7 @@ def test_the_uint8_hand_over_trains_as_the_float_one(local_shards, tmp_path):
     losses = {}
     for uint8 in (False, True):
         trainer = Trainer(Config(shards=str(local_shards), out=str(tmp_path / f"uint8-{uint8}"), batch_size=4,
-                                 init="torch", optimizer="adam", lr=1e-4, device="cpu", verify_shards=False,
+                                 recipe="torch", optimizer="adam", lr=1e-4, device="cpu", verify_shards=False,
                                  uint8_handover=uint8, dali_threads=2 if uint8 else 0))
         # DALI's threads: all the cores on the CPU by default (the step's cores minus two on CUDA), or as asked
         assert trainer.loader_options["num_threads"] == (2 if uint8 else len(os.sched_getaffinity(0)))

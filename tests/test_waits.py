@@ -36,7 +36,7 @@ class SimulatedDevice:
 
 
 def test_waiting_for_the_device_is_device_wait_and_a_slow_pipeline_is_data_wait(local_shards, tmp_path, caplog):
-    trainer = Trainer(Config(shards=str(local_shards), out=str(tmp_path / "run"), batch_size=BATCH, init="torch",
+    trainer = Trainer(Config(shards=str(local_shards), out=str(tmp_path / "run"), batch_size=BATCH, recipe="torch",
                              device="cpu", steps_per_epoch=STEPS, log_every=STEPS, verify_shards=False))
     device = SimulatedDevice()
     trainer.waits = Waits(device)
