@@ -54,9 +54,9 @@ def test_the_default_recipe_leaves_chance_on_the_digits_in_a_short_run(digits, t
     from trainer.config import Config
 
     out = tmp_path / "default"
-    log, lines = train(digits, out, "--batch-size", 32, "--epochs", 2, "--steps-per-epoch", 15, "--log-every", 5)
+    log, lines = train(digits, out, "--batch-size", 16, "--epochs", 2, "--log-every", 10)  # 2 x 30 steps
     assert json.loads((out / "config.json").read_text())["recipe"] == Config.recipe  # nothing asked: the default
     first, last = [m for m in lines if m["kind"] == "epoch"]
-    assert last["top1"] < 0.5, (first, last)  # chance is 0.9; the same seeds give the same run each time
+    assert last["top1"] < 0.6, (first, last)  # chance is 0.9; the same seeds give the same run each time
     assert last["classes_predicted"] >= 5 and last["train_loss"] < first["train_loss"]
     assert "collapsed" not in log and not [m for m in lines if m["kind"] == "collapse"]

@@ -156,8 +156,8 @@ def test_a_short_run_writes_its_run_folder(shards, tmp_path):
     assert "ten-crop: val top-1 error" in result.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["lr"] == 0.01 and config["momentum"] == 0.9 and config["weight_decay"] == 5e-4
-    assert config["batch_size"] == 8 and config["init"] == "paper" and len(config["git_commit"]) == 40
-    assert config["inputs"] == "raw"  # the paper's, with its init
+    assert config["batch_size"] == 8 and config["recipe"] == "caffe" and len(config["git_commit"]) == 40
+    assert config["inputs"] == "raw"  # the paper's, with Caffe's recipe as with the text's
     steps, (epoch,), (final,) = metrics(out, "step"), metrics(out, "epoch"), metrics(out, "final")
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert {"loss", "lr", "img_s", "data_wait", "device_wait"} <= set(steps[0])
@@ -462,9 +462,11 @@ def test_help_says_what_each_flag_does_its_default_and_choices():
     result = subprocess.run([sys.executable, "-m", "trainer.run", "--help"], cwd=REPO, capture_output=True, text=True)
     text = " ".join(result.stdout.split())  # as wide as the terminal: compare words, not lines
     assert result.returncode == 0 and text.startswith("usage: python -m trainer.run")
-    assert "--lr-patience LR_PATIENCE epochs without a better validation error before the lr is divided (default: 1)" \
-        in text
-    assert "--optimizer {sgd,adam} sgd (section 5) or adam (the demo's quick recipe) (default: sgd)" in text
+    assert ("--lr-patience LR_PATIENCE epochs in a row without a val error better than the best by more than its "
+            "noise before the lr is cut (trainer/schedule.py) (default: 2)") in text
+    assert "--recipe {paper,cuda-convnet2,caffe,torch}" in text and "caffe (bvlc_alexnet)" in text
+    assert "(default: caffe)" in text
+    assert "--optimizer {sgd,adam} sgd (section 5) or adam (default: sgd)" in text
     assert "--ten-crop, --no-ten-crop at the end: ten-crop top-1/top-5 error (section 4.1) (default: on)" in text
     from trainer.config import Config, field_help
     assert set(field_help()) == {f.name for f in dataclasses.fields(Config)}  # every field has its comment

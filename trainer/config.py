@@ -32,8 +32,8 @@ class Config:
     weight_decay: float = 5e-4  # L2 weight decay (section 5)
     lr_factor: float = 0.1  # what the lr is multiplied by when the validation error stops improving (section 5)
     lr_patience: int = 2  # epochs in a row without a val error better than the best by more than its noise before the lr is cut (trainer/schedule.py)
-    optimizer: str = "sgd"  # sgd (section 5) or adam (the demo's quick recipe)
-    recipe: str = "paper"  # the reference followed for the init, LRN and biases' lr and decay (trainer/recipes.py): paper (its text), cuda-convnet2 (Krizhevsky's released configs), caffe (bvlc_alexnet), torch (PyTorch's init)
+    optimizer: str = "sgd"  # sgd (section 5) or adam
+    recipe: str = "caffe"  # the reference followed for the init, LRN and biases' lr and decay (trainer/recipes.py): paper (its text), cuda-convnet2 (Krizhevsky's released configs), caffe (bvlc_alexnet), torch (PyTorch's init)
     inputs: str = ""  # raw: x - mean in 0-255 units, the paper's (section 2); standardised: (x/255 - mean)/std; default the recipe's: standardised with torch, raw with the others
     dropout: float = 0.5  # dropout probability in fc6 and fc7 (section 4.2)
     augment: bool = True  # random crops, flips, Fancy PCA (section 4.1); else centre crops

@@ -70,7 +70,7 @@ class Reports:
             self.board.add_scalar("val/classes_predicted", predicted, epoch)
 
     def collapse(self, epoch, step, why):
-        advice = ("it is not learning. Try a lower --lr, or another --recipe (README, \"Recipes\": the paper's "
+        advice = ("it is not learning. Try a lower --lr, or another --recipe (docs/training.md, \"Recipes\": the paper's "
                   "text collapses where caffe's learns)")
         log.warning("the run has collapsed: %s: %s", why, advice)
         self._write(kind="collapse", epoch=epoch, step=step, why=why)
