@@ -26,12 +26,12 @@ import os
 from pathlib import Path
 
 SCHEME = "s3://"
-RETRIES = 8
-RETRY_S = 60  # seconds: how long a request keeps retrying before its failure is said
+RETRIES = 6  # backoff 0.1 s doubling to at most 10 s: ~6 s of retries, jittered (boto3's standard mode: 3 tries)
+RETRY_S = 30  # seconds: how long a request keeps retrying before its failure is said
 CONNECT_S = 5  # seconds to open a connection
 
 
-class StorageError(Exception):
+class StorageError(ConnectionError):
     """Object storage that cannot be used: wrong credentials, a missing bucket, a server that does not
     answer. The message is one line that names the URL and what to check."""
 

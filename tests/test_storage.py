@@ -1,7 +1,38 @@
-"""pipeline.storage against a real S3 server (SeaweedFS on 127.0.0.1, the `s3` fixture)."""
-import pytest
+"""s3:// URLs in place of folders, against a real S3 server (SeaweedFS on 127.0.0.1, the `s3` fixture)."""
+import os
+import subprocess
+import sys
 
+import pytest
+import torch
+
+from conftest import REPO
 from pipeline import storage
+
+
+def put_folder(folder, url):
+    """Every file directly in `folder` as an object under `url` (what `aws s3 cp --recursive` would do)."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            storage.upload(path, storage.join(url, path.name))
+    return url
+
+
+@pytest.fixture(scope="module")
+def bucket_shards(s3, local_shards):
+    """The local shards copied into the bucket."""
+    return put_folder(local_shards, s3.url("shards"))
+
+
+def copy_shards(bucket_shards, url):
+    for name in storage.listing(bucket_shards):
+        storage.write_bytes(storage.join(url, name), storage.read_bytes(storage.join(bucket_shards, name)))
+    return url
+
+
+def run(module, *args, env=None):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
 
 
 def test_objects_round_trip(s3):
@@ -21,3 +52,58 @@ def test_conditional_put_refuses_a_second_writer(s3):
     with pytest.raises(FileExistsError):
         storage.write_bytes(url, b"second", create=True)
     assert storage.read_bytes(url) == b"first"
+
+
+def test_verify_reads_shards_in_a_bucket(bucket_shards):
+    result = run("pipeline.verify", bucket_shards)
+    assert result.returncode == 0 and "verify: ok: 24 train and 9 val samples" in result.stdout, result.stderr
+
+
+def test_an_object_truncated_after_the_manifest_is_named(s3, bucket_shards):
+    url = copy_shards(bucket_shards, s3.url("truncated"))
+    tar = storage.join(url, "train-000001.tar")
+    storage.write_bytes(tar, storage.read_bytes(tar)[:-512])
+    result = run("pipeline.verify", url, "--no-deep")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{tar} has" in result.stderr and "the manifest says" in result.stderr
+
+
+def test_checksums_of_objects_are_remembered_until_one_is_replaced(s3, bucket_shards, monkeypatch, tmp_path):
+    from pipeline.manifest import ShardDirError, read_manifest
+    from pipeline.verify import verify_checksums
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    url = copy_shards(bucket_shards, s3.url("remembered"))
+    manifest = read_manifest(url)
+    files = 2 * sum(len(manifest["splits"][s]["shards"]) for s in ("train", "val"))
+    assert verify_checksums(url, manifest) == {"hashed": files, "remembered": 0}
+    assert verify_checksums(url, manifest) == {"hashed": 0, "remembered": files}
+    tar = storage.join(url, "train-000002.tar")
+    data = bytearray(storage.read_bytes(tar))
+    data[2000:2016] = bytes(255 - b for b in data[2000:2016])  # same size, other bytes
+    storage.write_bytes(tar, bytes(data))
+    with pytest.raises(ShardDirError, match=r"1 file\(s\) in s3://.* do not match their sha256 .*: train-000002.tar"):
+        verify_checksums(url, manifest)
+
+
+def test_the_loader_reads_the_same_batches_from_a_bucket_as_from_a_folder(bucket_shards, local_shards):
+    from pipeline import build_loader
+
+    def batches(shards):
+        return [(x.clone(), y.clone()) for x, y in build_loader(shards, "val", batch_size=4, crops="center",
+                                                               num_threads=1)]
+    local, remote = batches(local_shards), batches(bucket_shards)
+    assert len(local) == len(remote) == 3
+    for (x, y), (rx, ry) in zip(local, remote):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_trainer_and_evaluate_read_shards_in_a_bucket(bucket_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    steps = ["--epochs", 1, "--batch-size", 4, "--steps-per-epoch", 2, "--log-every", 1, "--no-ten-crop",
+             "--inputs", "standardised", "--device", "cpu"]
+    first = run("trainer.run", "--shards", bucket_shards, "--out", tmp_path / "run", *steps)
+    assert first.returncode == 0 and "epoch 1 step 2/2: loss" in first.stderr, first.stderr[-3000:]
+    evaluated = run("trainer.evaluate", "--checkpoint", tmp_path / "run" / "checkpoint.pt", "--shards", bucket_shards,
+                    "--device", "cpu")
+    assert evaluated.returncode == 0 and "top-1 error" in evaluated.stdout, evaluated.stderr[-3000:]

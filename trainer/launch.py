@@ -102,10 +102,15 @@ def refusal(config: Config) -> str | None:
             if saved.get(key, getattr(config, key)) != getattr(config, key):
                 return (f"--resume: {out} was trained with --{key.replace('_', '-')} {saved[key]}, not "
                         f"{getattr(config, key)}: resume with the same, or start a new --out")
-        if Path(saved.get("shards", config.shards)).absolute() != Path(config.shards):
+        if _where(saved.get("shards", config.shards)) != _where(config.shards):
             return (f"--resume: {out} was trained on --shards {saved['shards']}, not {config.shards}: "
                     f"resume with the same, or start a new --out")
     return None
+
+
+def _where(shards) -> str:
+    """--shards as a comparable string: a folder made absolute, a bucket's URL as it is."""
+    return shards if shards.startswith("s3://") else str(Path(shards).absolute())
 
 
 def torchrun(config: Config) -> int:
