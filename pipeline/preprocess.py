@@ -19,6 +19,7 @@ import re
 import resource
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -28,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import __version__, imagenet
-from pipeline.lock import FolderLock
+from pipeline import __version__, imagenet, storage
+from pipeline.lock import lock_for
 from pipeline.images import MAX_PIXELS, Rejected, read_bytes, to_sample
 from pipeline.manifest import MANIFEST, PARTS, PCA, REJECTS, SPLITS, write_json
 from pipeline.pca import Moments
@@ -231,18 +232,29 @@ def plan(split, items, settings: Settings):
 
 def write_shard(spec, src, out, settings: Settings) -> dict:
     """The Ray task: one shard, or the record of an identical one already written."""
-    src, out, name = Path(src), Path(out), spec["name"]
-    tar_path, idx_path, record_path = out / f"{name}.tar", out / f"{name}.idx", out / PARTS / f"{name}.json"
+    src, name = Path(src), spec["name"]
+    tar_path, idx_path = storage.join(out, f"{name}.tar"), storage.join(out, f"{name}.idx")
+    record_path = storage.join(out, PARTS, f"{name}.json")
     record = _finished(record_path, tar_path, idx_path, spec["fingerprint"])
     if record is not None:
         return {**record, "resumed": True}
 
     import cv2
     cv2.setNumThreads(1)  # one task per core already
+    if storage.is_url(out):
+        # each PUT makes its object whole or not at all: the tar, its index, then the record a rerun
+        # trusts; attempts of one task write the same bytes, so the last PUT of each may win
+        with tempfile.TemporaryDirectory(prefix=f"{name}.") as tmp:
+            record = _write_samples(spec, src, settings, Path(tmp, "tar"), Path(tmp, "idx"))
+            if record["samples"]:
+                storage.upload(Path(tmp, "tar"), tar_path)
+                storage.upload(Path(tmp, "idx"), idx_path)
+            write_json(record_path, record)
+        return {**record, "resumed": False}
     # Names of this attempt's own: when Ray runs a task again while an attempt it believes dead
     # still writes, neither writes into the other's files; the tar, its index and its record are
     # put in place under a lock, so the last attempt to finish wins whole.
-    attempt = uuid.uuid4().hex[:12]
+    out, attempt = Path(out), uuid.uuid4().hex[:12]
     tmp_tar, tmp_idx = out / f".{name}.{attempt}.tar.tmp", out / f".{name}.{attempt}.idx.tmp"
     try:
         record = _write_samples(spec, src, settings, tmp_tar, tmp_idx)
@@ -303,21 +315,31 @@ def read_input(src, where) -> bytes:
 
 
 def _finished(record_path, tar_path, idx_path, fingerprint):
-    """The record of this exact shard if it and its files are intact, else None."""
+    """The record of this exact shard if it and its files (or objects) are intact, else None."""
     try:
-        with open(record_path) as f:
-            record = json.load(f)
+        record = json.loads(_read(record_path))
     except (OSError, ValueError):
         return None
     if record.get("fingerprint") != fingerprint:
         return None
     if record["samples"] == 0:
         return record
-    intact = (tar_path.exists() and idx_path.exists()
-              and tar_path.stat().st_size == record["bytes"]
+    intact = (_bytes_of(tar_path) == record["bytes"] and _bytes_of(idx_path) is not None
               and sha256_file(tar_path) == record["sha256"]
               and sha256_file(idx_path) == record["index_sha256"])
     return record if intact else None
+
+
+def _read(path) -> bytes:
+    return storage.read_bytes(path) if storage.is_url(path) else Path(path).read_bytes()
+
+
+def _bytes_of(path) -> int | None:
+    """The size of a file or object; None where there is none."""
+    try:
+        return storage.head(path)["size"] if storage.is_url(path) else os.stat(path).st_size
+    except FileNotFoundError:
+        return None
 
 
 def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01, val_fraction=0.0,
@@ -331,9 +353,12 @@ def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01
     Returns the manifest; raises JobFailed if rejects exceed `max_reject_fraction`, if the disk
     fills up, or LockHeld if another run is writing `out`.
     """
-    out, clock = Path(out), Clock()
-    with nullcontext(lock) if lock else FolderLock(out) as lock:
-        (out / MANIFEST).unlink(missing_ok=True)  # the manifest is only ever there for a finished run
+    out, clock = out if storage.is_url(out) else Path(out), Clock()
+    with nullcontext(lock) if lock else lock_for(out) as lock:
+        if storage.is_url(out):  # the manifest is only ever there for a finished run
+            storage.delete(storage.join(out, MANIFEST))
+        else:
+            (out / MANIFEST).unlink(missing_ok=True)
         tree = scan(src, val_labels, val_fraction, settings.seed, out, processes)
         if tree.hidden:
             log.info("skipped %d hidden entries (names starting with '.'), e.g. %s", len(tree.hidden), tree.hidden[0])
@@ -372,8 +397,11 @@ def write_shards(splits, src, out, settings, progress=None, processes=None) -> l
     """Every shard of `splits` ({split: items}, Tree.splits), on Ray or `processes`, each task submitted as
     its spec is made: the tasks start before the plan ends. -> their records, train's then val's."""
     names = [name for split in SPLITS for name in shard_names(split, len(splits.get(split, [])), settings)]
-    (out / PARTS).mkdir(parents=True, exist_ok=True)
-    _remove_stale(out, set(names))
+    if storage.is_url(out):
+        _remove_stale_objects(out, set(names))
+    else:
+        (out / PARTS).mkdir(parents=True, exist_ok=True)
+        _remove_stale(out, set(names))
     records, processed = {}, 0
     if progress:
         progress(0, len(names), 0)
@@ -435,11 +463,23 @@ def _remove_stale(out, planned):
                 path.unlink()
 
 
+def _remove_stale_objects(out, planned):
+    """_remove_stale in a bucket: the shards and records of an older run's plan."""
+    for name in storage.listing(out):
+        stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        if re.fullmatch(r"(train|val)-\d{6}", stem) and stem not in planned and name.count("/") <= 1:
+            log.info("removing %s: not part of this run's plan", storage.join(out, name))
+            storage.delete(storage.join(out, name))
+
+
 def _finish(out, src, tree, records, settings, val_labels, val_fraction, max_reject_fraction, lock):
     rejects = [reject for r in records for reject in r["rejects"]]
-    with open(out / f".{REJECTS}.tmp", "w") as f:
-        f.writelines(json.dumps(reject) + "\n" for reject in rejects)
-    replace_atomically(out / f".{REJECTS}.tmp", out / REJECTS)
+    lines = "".join(json.dumps(reject) + "\n" for reject in rejects)
+    if storage.is_url(out):
+        storage.write_bytes(storage.join(out, REJECTS), lines.encode())
+    else:
+        (out / f".{REJECTS}.tmp").write_text(lines)
+        replace_atomically(out / f".{REJECTS}.tmp", out / REJECTS)
 
     inputs = sum(r["inputs"] for r in records)
     by_reason = dict(sorted(Counter(r["reason"].split(":")[0] for r in rejects).items()))
@@ -448,23 +488,23 @@ def _finish(out, src, tree, records, settings, val_labels, val_fraction, max_rej
     log.info("written %d of %d inputs; rejected %d (%s)", written, inputs, len(rejects), summary)
     if inputs and len(rejects) > max_reject_fraction * inputs:
         raise JobFailed(f"{len(rejects)} of {inputs} inputs rejected ({len(rejects) / inputs:.1%}), "
-                        f"more than --max-reject-fraction {max_reject_fraction:g}: see {out / REJECTS}; "
+                        f"more than --max-reject-fraction {max_reject_fraction:g}: see {storage.join(out, REJECTS)}; "
                         f"fix or remove those inputs, or raise --max-reject-fraction, and run again")
     for r in records:  # nothing but this run wrote here since (a stray writer would have changed a size)
-        tar = out / f"{r['name']}.tar"
-        if r["samples"] and (not tar.exists() or tar.stat().st_size != r["bytes"]):
+        tar = storage.join(out, f"{r['name']}.tar")
+        if r["samples"] and _bytes_of(tar) != r["bytes"]:
             raise JobFailed(f"{tar} changed while this run wrote {out}: another writer was at work; "
                             f"run the same command again")
     if not lock.holds():
-        raise JobFailed(f"another run took {out / '.lock'} over while this one wrote: run the same command again")
+        raise JobFailed(f"another run took {lock.path} over while this one wrote: run the same command again")
 
     moments = Moments()
     for r in records:
         if r["split"] == "train":
             moments.merge(Moments(**r["moments"]))
     if not moments.count:
-        raise JobFailed(f"every training image was rejected: see {out / REJECTS}")
-    write_json(out / PCA, moments.pca())
+        raise JobFailed(f"every training image was rejected: see {storage.join(out, REJECTS)}")
+    write_json(storage.join(out, PCA), moments.pca())
     manifest = {
         "tool": f"alexnet-pipeline {__version__}",
         "classes": tree.classes,
@@ -476,7 +516,7 @@ def _finish(out, src, tree, records, settings, val_labels, val_fraction, max_rej
         "totals": {"inputs": inputs, "written": written, "rejected": len(rejects),
                    "rejected_by_reason": by_reason, "skipped_hidden": len(tree.hidden)},
     }
-    write_json(out / MANIFEST, manifest)
+    write_json(storage.join(out, MANIFEST), manifest)  # last: what readers take for a finished run
     return manifest
 
 

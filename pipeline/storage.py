@@ -90,6 +90,12 @@ def _call(url, do):
         raise StorageError(f"{url}: {_reason(e)} (endpoint {_endpoint()})") from None
 
 
+def environment() -> dict:
+    """The AWS_* variables of this process (endpoint, keys, region): what a Ray task elsewhere needs to
+    reach the same bucket as its driver."""
+    return {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
+
+
 def _endpoint() -> str:
     return os.environ.get("AWS_ENDPOINT_URL") or "AWS S3 (AWS_ENDPOINT_URL unset)"
 

@@ -1,12 +1,14 @@
 """s3:// URLs in place of folders, against a real S3 server (SeaweedFS on 127.0.0.1, the `s3` fixture)."""
+import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, preprocess, wait_for
 from pipeline import storage
 
 
@@ -107,3 +109,44 @@ def test_trainer_and_evaluate_read_shards_in_a_bucket(bucket_shards, tmp_path, m
     evaluated = run("trainer.evaluate", "--checkpoint", tmp_path / "run" / "checkpoint.pt", "--shards", bucket_shards,
                     "--device", "cpu")
     assert evaluated.returncode == 0 and "top-1 error" in evaluated.stdout, evaluated.stderr[-3000:]
+
+
+def objects(url) -> dict:
+    """{name: bytes} of the shard folder's outputs in a bucket (not its .parts/ or .lock)."""
+    return {name: storage.read_bytes(storage.join(url, name)) for name in storage.listing(url)
+            if "/" not in name and not name.startswith(".")}
+
+
+def files(folder) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+def test_preprocessing_into_a_bucket_killed_then_rerun_is_byte_identical_to_a_folder(s3, tree, tmp_path):
+    from pipeline.preprocess import Settings, run as preprocess_run
+
+    preprocess_run(tree, tmp_path / "folder", Settings(shard_size=2), processes=2)
+    out = s3.url("killed")
+    cmd = [sys.executable, "jobs/preprocess.py", "--src", str(tree), "--out", out, "--shard-size", "2"]
+    job = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: sum(n.startswith(".parts/") for n in storage.listing(out)) >= 3 or job.poll() is not None)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray it started
+        job.wait()
+    assert not storage.exists(storage.join(out, "manifest.json")), "the job finished before it could be killed"
+    assert json.loads(storage.read_bytes(storage.join(out, ".lock")))["pid"] == job.pid  # the killed run's
+
+    result = preprocess(tree, out, "--shard-size", 2)
+    assert f"took over {out}/.lock from pid {job.pid}" in result.stderr and "is gone" in result.stderr
+    assert "shards were already complete and verified: kept" in result.stderr
+    assert objects(out) == files(tmp_path / "folder")
+    assert not storage.exists(storage.join(out, ".lock"))
+
+
+def test_a_second_run_on_a_bucket_is_refused_at_once_naming_the_holder(s3, tree):
+    out = s3.url("held")
+    holder = {"host": "elsewhere", "pid": 7, "token": "t", "since": "then", "command": "preprocess on elsewhere"}
+    storage.write_bytes(storage.join(out, ".lock"), json.dumps(holder).encode())
+    result = preprocess(tree, out, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{out} is in use by pid 7 on elsewhere" in result.stderr and "Wait for it to finish" in result.stderr
