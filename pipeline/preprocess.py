@@ -6,7 +6,6 @@ JPEG it wrote once more, renames the shard into place and then writes a record o
 `.parts/`; the record is what a rerun trusts (after checking the shard's sha256), so a run
 killed at any moment resumes and ends with the same bytes as an uninterrupted one.
 """
-import bisect
 import errno
 import fcntl
 import hashlib
@@ -34,6 +33,7 @@ from pipeline.lock import lock_for
 from pipeline.images import MAX_PIXELS, Rejected, read_bytes, to_sample
 from pipeline.manifest import MANIFEST, PARTS, PCA, REJECTS, SPLITS, write_json
 from pipeline.pca import Moments
+from pipeline.source import source_of
 from pipeline.shards import ShardWriter, replace_atomically, sha256_file
 from pipeline.tasks import JobFailed, parallel
 
@@ -69,32 +69,33 @@ def scan(src, val_labels=None, val_fraction=0.0, seed=0, out=None, processes=Non
     val/<class>/ or a flat val/ with labels (pipeline.imagenet). The archives are indexed into
     OUT/.index/ on Ray (or `processes`). val_fraction: hold out this share of every class of train as
     val (seeded), for a source without val."""
-    src, hidden = Path(src), []
-    if not src.is_dir():
+    view, hidden = source_of(src), []
+    if not view.is_dir():
         raise JobFailed(f"{src} is a file: --src is a folder, an image tree or the one that holds ImageNet's archives"
-                        if src.exists() else
+                        if view.exists() else
                         f"{src} does not exist: --src is an image tree or the folder of ImageNet's archives")
-    if (src / imagenet.TRAIN_TAR).exists():
-        form, labels = "archives", val_labels or imagenet.devkit_beside(src)
+    if view.exists(imagenet.TRAIN_TAR):
+        form, labels = "archives", val_labels or imagenet.devkit_beside(view)
         train, val = imagenet.read_archives(src, out, processes, hidden)
-        val = {"": val} if (src / imagenet.VAL_TAR).exists() else None
-        where = f"{src / imagenet.VAL_TAR}"
+        val = {"": val} if view.exists(imagenet.VAL_TAR) else None
+        where = view.name(imagenet.VAL_TAR)
     else:
-        kaggle = (src / imagenet.KAGGLE / "train").is_dir()
+        kaggle = view.is_dir(f"{imagenet.KAGGLE}/train")
         form, base = ("kaggle", imagenet.KAGGLE) if kaggle else ("tree", "")
-        if not (src / base / "train").is_dir():
+        if not view.is_dir(f"{base}/train".lstrip("/")):
             raise JobFailed(f"{src} holds neither train/<class>/ folders, nor {imagenet.TRAIN_TAR}, nor Kaggle's "
                             f"{imagenet.KAGGLE}/train/: --src must be one of them (README: ImageNet as downloaded)")
-        train = _folders(src, base, "train", hidden)
-        val = _folders(src, base, "val", hidden) if (src / base / "val").is_dir() else None
-        labels = val_labels or (_exists(src / imagenet.KAGGLE_LABELS) if kaggle else imagenet.devkit_beside(src))
-        where = f"{src / base / 'val'}"
+        train = _folders(view, base, "train", hidden)
+        val = _folders(view, base, "val", hidden) if view.is_dir(f"{base}/val".lstrip("/")) else None
+        labels = val_labels or (view.local(imagenet.KAGGLE_LABELS) if kaggle and view.exists(imagenet.KAGGLE_LABELS)
+                                else None if kaggle else imagenet.devkit_beside(view))
+        where = view.name(f"{base}/val".lstrip("/"))
     loose = train.pop("", [])  # files beside the class folders: no class
     classes = sorted(train)
     if not classes:
         raise JobFailed(f"{src} has no classes: expected train/<class>/<image files>")
     index = {c: i for i, c in enumerate(classes)}
-    names = imagenet.read_names(src / imagenet.KAGGLE_NAMES) if (src / imagenet.KAGGLE_NAMES).is_file() else {}
+    names = imagenet.read_names(view.local(imagenet.KAGGLE_NAMES)) if view.is_file(imagenet.KAGGLE_NAMES) else {}
     splits = {"train": loose + list(itertools.chain.from_iterable(train[c] for c in classes)), "val": []}
     if not splits["train"]:
         raise JobFailed(f"{src} has {len(classes)} classes and no images in them: expected train/<class>/<image files>")
@@ -121,46 +122,19 @@ def scan(src, val_labels=None, val_fraction=0.0, seed=0, out=None, processes=Non
     return Tree(classes, splits, sorted(hidden), [names.get(c, "") for c in classes], form)
 
 
-def _exists(path):
-    return path if path.exists() else None
-
-
-def _folders(src, base, split, hidden) -> dict:
+def _folders(view, base, split, hidden) -> dict:
     """{class: [(name, class index, where)]} of src/base/split/<class>/<entry>, with "" (index -1) for
     the files of split/ itself; name = split/<class>/<entry>, sorted; the index is the class's position
     among the sorted folders. No stat per file: a scandir of split/, a listdir of each class folder (where
-    a folder, as an input, is rejected as unreadable: nothing is skipped quietly)."""
-    folder = Path(src) / base / split
-    classes, files = _listing(folder, hidden)
+    a folder, as an input, is rejected as unreadable: nothing is skipped quietly); in a bucket, the listing."""
+    folder = f"{base}/{split}".lstrip("/")
+    classes, files = view.listing(folder, hidden)
     found = {"": [(f"{split}/{f}", -1, f"{base}/{split}/{f}".lstrip("/")) for f in files]} if files else {}
     for label, c in enumerate(classes):
-        prefix, entries = f"{split}/{c}/", _entries(folder / c, hidden)
+        prefix, entries = f"{split}/{c}/", view.entries(f"{folder}/{c}", hidden)
         found[c] = ([(prefix + e, label, f"{base}/{prefix}{e}") for e in entries] if base
                     else [(name := prefix + e, label, name) for e in entries])  # where is name: one string
     return found
-
-
-def _entries(folder, hidden):
-    """The sorted names in `folder`, those that start with "." added to `hidden` instead."""
-    names = sorted(os.listdir(folder))
-    start, end = bisect.bisect_left(names, "."), bisect.bisect_left(names, "/")  # "." sorts as one run, then "/"
-    if start == end:  # no pass over the names in Python: ImageNet's 1.33 M are listed in ~1,000 folders
-        return names
-    hidden += [os.path.join(folder, name) for name in names[start:end]]
-    return names[:start] + names[end:]
-
-
-def _listing(folder, hidden):
-    """-> (sorted names of the folders in `folder`, sorted names of its other entries); entries whose
-    names start with "." are added to `hidden` instead."""
-    folders, files = [], []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.name.startswith("."):
-                hidden.append(entry.path)
-            else:
-                (folders if entry.is_dir() else files).append(entry.name)
-    return sorted(folders), sorted(files)
 
 
 def _labelled(flat, labels_path, index):
@@ -232,7 +206,7 @@ def plan(split, items, settings: Settings):
 
 def write_shard(spec, src, out, settings: Settings) -> dict:
     """The Ray task: one shard, or the record of an identical one already written."""
-    src, name = Path(src), spec["name"]
+    src, name = src if storage.is_url(src) else Path(src), spec["name"]
     tar_path, idx_path = storage.join(out, f"{name}.tar"), storage.join(out, f"{name}.idx")
     record_path = storage.join(out, PARTS, f"{name}.json")
     record = _finished(record_path, tar_path, idx_path, spec["fingerprint"])
@@ -278,7 +252,8 @@ def _write_samples(spec, src, settings, tmp_tar, tmp_idx) -> dict:
         try:
             jpeg, decoded = _sample(src, where, cls, settings)
         except Rejected as e:
-            path = src / where if isinstance(where, str) else f"{src / where[0]}:{name}" if where else name
+            path = (storage.join(src, where) if isinstance(where, str) else f"{storage.join(src, where[0])}:{name}"
+                    if where else name)
             rejects.append({"path": str(path), "reason": str(e)})
             continue
         if spec["split"] == "train":
@@ -310,8 +285,10 @@ def _sample(src, where, cls, settings):
 
 
 def read_input(src, where) -> bytes:
-    """An input's bytes, by its `where` (Tree): a file in src, or a byte range of an archive in it."""
-    return read_bytes(src / where) if isinstance(where, str) else read_bytes(src / where[0], *where[1:])
+    """An input's bytes, by its `where` (Tree): a file (or object) in src, or a byte range of an archive in
+    it (a ranged GET in a bucket)."""
+    path = storage.join(src, where if isinstance(where, str) else where[0])
+    return read_bytes(path) if isinstance(where, str) else read_bytes(path, *where[1:])
 
 
 def _finished(record_path, tar_path, idx_path, fingerprint):
@@ -413,6 +390,8 @@ def write_shards(splits, src, out, settings, progress=None, processes=None) -> l
             processed += 0 if record["resumed"] else record["inputs"]
             if progress:
                 progress(len(records), len(names), processed)
+    except storage.StorageError as e:  # a bucket that stopped answering: the others were cancelled
+        raise JobFailed(f"{e}; run the same command again: the finished shards are kept") from None
     except OSError as e:  # a task could not write (a full disk, a quota): the others were cancelled
         inputs = sum(len(splits.get(split, [])) for split in SPLITS)
         raise JobFailed(_write_failed(out, e, inputs, records, len(names), settings.size)) from None

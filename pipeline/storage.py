@@ -22,6 +22,7 @@ within RETRY_S seconds; a server that does not answer is said after that, in one
 """
 import datetime
 import functools
+import io
 import os
 from pathlib import Path
 
@@ -165,6 +166,36 @@ def upload(path, url):
     _call(url, lambda store, key: obstore.put(store, key, Path(path), chunk_size=8 << 20))
 
 
+class RangeReader(io.RawIOBase):
+    """An object as a seekable binary file, each read a ranged GET (wrap it in io.BufferedReader)."""
+
+    def __init__(self, url):
+        super().__init__()
+        self.url, self.size, self.pos = url, head(url)["size"], 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, pos, whence=io.SEEK_SET):
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + pos
+        return self.pos
+
+    def readinto(self, buffer):
+        n = max(0, min(len(buffer), self.size - self.pos))
+        if not n:
+            return 0
+        data = read_range(self.url, self.pos, n)
+        buffer[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
 def download(url, path):
     """The object into a local file, under a temporary name renamed when whole."""
     tmp = Path(f"{path}.part")
@@ -189,4 +220,19 @@ def listing(url) -> dict:
 
     def do(store, key):
         return {m["path"][len(prefix):]: m["size"] for batch in obstore.list(store, prefix or None) for m in batch}
+    return _call(url, do)
+
+
+def listing_level(url) -> tuple[list, dict]:
+    """-> (names of the prefixes directly under url/, {name: size} of the objects directly under it):
+    one level, ListObjectsV2 with the delimiter "/"."""
+    import obstore
+
+    prefix = split(url)[1]
+    prefix = f"{prefix}/" if prefix else ""
+
+    def do(store, key):
+        found = obstore.list_with_delimiter(store, prefix or None)
+        return ([p[len(prefix):].rstrip("/") for p in found["common_prefixes"]],
+                {m["path"][len(prefix):]: m["size"] for m in found["objects"]})
     return _call(url, do)

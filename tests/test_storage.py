@@ -12,6 +12,14 @@ from conftest import REPO, preprocess, wait_for
 from pipeline import storage
 
 
+def put_tree(folder, url):
+    """Every file under `folder` as an object under `url`, keyed by its relative path."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            storage.upload(path, storage.join(url, path.relative_to(folder).as_posix()))
+    return url
+
+
 def put_folder(folder, url):
     """Every file directly in `folder` as an object under `url` (what `aws s3 cp --recursive` would do)."""
     for path in sorted(folder.iterdir()):
@@ -150,3 +158,19 @@ def test_a_second_run_on_a_bucket_is_refused_at_once_naming_the_holder(s3, tree)
     result = preprocess(tree, out, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"{out} is in use by pid 7 on elsewhere" in result.stderr and "Wait for it to finish" in result.stderr
+
+
+@pytest.mark.parametrize("form", ["tree", "kaggle", "archives"])
+def test_images_in_a_bucket_give_the_shards_a_folder_gives(s3, form, tmp_path):
+    from pipeline import miniature
+    from pipeline.preprocess import Settings, run as preprocess_run
+
+    classes, scale = 5, 0.004  # 23 train images, 5 val (as tests/test_imagenet.py)
+    miniature.write(tmp_path / form, form, classes, scale)
+    url = put_tree(tmp_path / form, s3.url(f"src-{form}"))
+    from_folder = preprocess_run(tmp_path / form, tmp_path / "folder", Settings(shard_size=10), processes=2)
+    from_bucket = preprocess_run(url, tmp_path / "bucket", Settings(shard_size=10), processes=2)
+    assert from_bucket["source"] == form and from_bucket["class_names"] == from_folder["class_names"]
+    assert from_bucket["splits"] == from_folder["splits"] and from_bucket["totals"] == from_folder["totals"]
+    assert files(tmp_path / "bucket") == {**files(tmp_path / "folder"),
+                                          "manifest.json": (tmp_path / "bucket" / "manifest.json").read_bytes()}
