@@ -185,8 +185,12 @@ class BucketLock(FolderLock):
         self._stop.set()
         if self._heartbeat.is_alive():
             self._heartbeat.join()
-        if self.holds():
-            storage.delete(self.path)
+        try:
+            if self.holds():
+                storage.delete(self.path)
+        except storage.StorageError as e:  # left behind: the next run takes it over once it is stale
+            log.warning("could not release %s (%s): the next run takes it over %.0fs after its last heartbeat",
+                        self.path, e, STALE_S)
 
     def holds(self) -> bool:
         holder = self._holder()

@@ -205,6 +205,13 @@ def download(url, path):
     os.replace(tmp, path)
 
 
+def copy(source, target):
+    """A server-side copy of an object within its bucket: no byte travels through this machine."""
+    import obstore
+
+    _call(source, lambda store, key: obstore.copy(store, key, split(target)[1]))
+
+
 def delete(url):
     import obstore
 

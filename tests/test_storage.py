@@ -108,15 +108,43 @@ def test_the_loader_reads_the_same_batches_from_a_bucket_as_from_a_folder(bucket
         assert torch.equal(x, rx) and torch.equal(y, ry)
 
 
-def test_trainer_and_evaluate_read_shards_in_a_bucket(bucket_shards, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    steps = ["--epochs", 1, "--batch-size", 4, "--steps-per-epoch", 2, "--log-every", 1, "--no-ten-crop",
-             "--inputs", "standardised", "--device", "cpu"]
-    first = run("trainer.run", "--shards", bucket_shards, "--out", tmp_path / "run", *steps)
+def test_a_run_folder_in_a_bucket_resumes_and_survives_a_damaged_checkpoint(s3, bucket_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the verified sums and the local folder
+    out = s3.url("runs", "a")
+    steps = ["--batch-size", 4, "--steps-per-epoch", 2, "--log-every", 1, "--no-ten-crop", "--inputs", "standardised",
+             "--device", "cpu"]
+    first = run("trainer.run", "--shards", bucket_shards, "--out", out, "--epochs", 1, *steps)
     assert first.returncode == 0 and "epoch 1 step 2/2: loss" in first.stderr, first.stderr[-3000:]
-    evaluated = run("trainer.evaluate", "--checkpoint", tmp_path / "run" / "checkpoint.pt", "--shards", bucket_shards,
+    local = tmp_path / "cache" / "alexnet-pipeline" / "runs"
+    assert f"run folder {out}, worked in {local}" in first.stderr and "tensorboard --logdir" in first.stderr
+    kept = set(storage.listing(out))
+    assert {"checkpoint.pt", "config.json", "metrics.jsonl"} <= kept and ".lock" not in kept
+    assert json.loads(storage.read_bytes(storage.join(out, "config.json")))["out"] == out
+
+    again = run("trainer.run", "--shards", bucket_shards, "--out", out, "--epochs", 1, *steps)
+    assert again.returncode == 2 and f"{out} already holds a run: pass --resume" in again.stderr
+    second = run("trainer.run", "--shards", bucket_shards, "--out", out, "--epochs", 2, "--resume", *steps)
+    assert second.returncode == 0 and "resumed" in second.stderr and "epoch 2 step 2/2" in second.stderr, second.stderr
+    assert "checkpoint-previous.pt" in storage.listing(out)
+    epochs = [m["epoch"] for m in map(json.loads, storage.read_bytes(storage.join(out, "metrics.jsonl")).splitlines())
+              if m["kind"] == "epoch"]
+    assert epochs == [1, 2]
+
+    storage.write_bytes(storage.join(out, "checkpoint.pt"), b"not a checkpoint")
+    third = run("trainer.run", "--shards", bucket_shards, "--out", out, "--epochs", 3, "--resume", *steps)
+    assert third.returncode == 0 and "is damaged" in third.stderr and "epoch 3 step 2/2" in third.stderr, third.stderr
+    evaluated = run("trainer.evaluate", "--checkpoint", storage.join(out, "checkpoint.pt"), "--shards", bucket_shards,
                     "--device", "cpu")
     assert evaluated.returncode == 0 and "top-1 error" in evaluated.stdout, evaluated.stderr[-3000:]
+
+
+def test_a_second_trainer_on_a_bucket_run_folder_is_refused_naming_the_holder(s3, bucket_shards):
+    out = s3.url("runs", "held")
+    holder = {"host": "elsewhere", "pid": 9, "token": "t", "since": "then", "command": "trainer on elsewhere"}
+    storage.write_bytes(storage.join(out, ".lock"), json.dumps(holder).encode())
+    result = run("trainer.run", "--shards", bucket_shards, "--out", out, "--device", "cpu")
+    assert result.returncode == 2 and f"{out} is in use by pid 9 on elsewhere" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def objects(url) -> dict:

@@ -10,7 +10,8 @@
 Each launcher sets up torch.distributed (NCCL on GPUs, gloo on CPUs), picks this process's
 device(s) and calls trainer.loop.train, which knows only its rank and world size. With several
 replicas, --out must be one folder every node sees (rank 0 writes it, every rank reads the
-checkpoint when it resumes), and so must --shards.
+checkpoint when it resumes), and so must --shards. --shards may be an s3:// URL; --out too, for one
+process (trainer/bucket.py).
 
 Ray Train: the cluster named by --address / $RAY_ADDRESS, else a private Ray on 127.0.0.1 for this
 run. Rank 0 reports every checkpoint to Ray Train (a pointer to RUN/checkpoint.pt); when a worker
@@ -34,9 +35,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.lock import FolderLock, LockHeld
+from pipeline import storage
+from pipeline.lock import BucketLock, FolderLock, LockHeld
 from pipeline.tasks import unreachable
 from trainer import checkpoint
+from trainer.bucket import BucketRun
 from trainer.config import Config
 from trainer.loop import train
 from trainer.stop import StopRequest, clear_request, request_file
@@ -48,6 +51,8 @@ def launch(config: Config) -> int:
     """Start the run the way config and the environment ask for; -> exit status."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return torchrun(config)
+    if storage.is_url(config.out):
+        return in_bucket(config)
     with run_folder(config) as problem:
         if problem:
             log.error("%s", problem)
@@ -81,6 +86,42 @@ def run_folder(config: Config):
         lock.release()
         if made and not any(out.iterdir()):
             out.rmdir()
+
+
+def in_bucket(config: Config) -> int:
+    """--out s3://: one process trains in a local folder that trainer/bucket.py keeps in the bucket, under
+    the bucket's lock (a conditional PUT); -> exit status."""
+    url = config.out
+    if config.workers:
+        log.error("--out %s: a run folder in a bucket is for one process so far; with --workers give a folder every "
+                  "node sees", url)
+        return 2
+    lock, run = BucketLock(url, " ".join(sys.argv)), BucketRun(url)
+    try:
+        lock.acquire()
+    except (LockHeld, storage.StorageError) as e:
+        log.error("%s", e)
+        return 2
+    try:
+        run.pull()
+        config.out = str(run.local)
+        log.info("run folder %s, worked in %s: TensorBoard's event files and the pictures stay there "
+                 "(`tensorboard --logdir %s`)", url, run.local, run.local)
+        problem = refusal(config)
+        if problem:
+            log.error("%s", problem.replace(str(run.local), url))
+            return 2
+        stop = StopRequest()
+        stop.install()
+        status = train(config, on_save=run.push_or_warn, stop=stop)
+        run.push()
+        return status
+    except storage.StorageError as e:
+        log.error("%s; the run's files are in %s: continue with --resume when the bucket answers", e, run.local)
+        return 1
+    finally:
+        config.out = url
+        lock.release()
 
 
 def refusal(config: Config) -> str | None:
