@@ -58,6 +58,7 @@ def class_labels(classes, names=None) -> list[str]:
 def read_manifest(shards) -> dict:
     if storage.is_url(shards):
         if not storage.exists(storage.join(shards, MANIFEST)):
+            storage.listing_level(shards)  # a missing bucket is said as such (a HEAD's 404 does not tell)
             raise ShardDirError(f"{storage.join(shards, MANIFEST)} does not exist: make shards with "
                                 f"`python jobs/preprocess.py --src TREE --out {shards}`, or let it finish")
         return _read_json(shards, MANIFEST)

@@ -57,11 +57,10 @@ def split(url) -> tuple[str, str]:
 
 
 @functools.cache
-def _store(bucket, pid):
-    """One client a bucket and process: obstore's runtime does not survive a fork (pid in the key)."""
+def _store(bucket, pid, endpoint):
+    """One client a bucket, process and endpoint: obstore's runtime does not survive a fork (pid in the key)."""
     from obstore.store import S3Store
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
     return S3Store(bucket, endpoint=endpoint,
                    client_options={"allow_http": bool(endpoint and endpoint.startswith("http://")),
                                    "connect_timeout": f"{CONNECT_S}s"},
@@ -77,10 +76,10 @@ def _call(url, do):
 
     bucket, key = split(url)
     try:
-        return do(_store(bucket, os.getpid()), key)
+        return do(_store(bucket, os.getpid(), os.environ.get("AWS_ENDPOINT_URL")), key)
     except (FileNotFoundError, oe.NotFoundError) as e:
         if "NoSuchBucket" in str(e):
-            raise StorageError(f"{url}: the bucket {bucket} does not exist (at {_endpoint()})") from None
+            raise StorageError(f"{url}: the bucket {bucket} does not exist (endpoint {_endpoint()})") from None
         raise FileNotFoundError(f"{url} does not exist") from None
     except oe.AlreadyExistsError:
         raise FileExistsError(f"{url} exists") from None
@@ -88,6 +87,8 @@ def _call(url, do):
         raise StorageError(f"{url}: access denied by {_endpoint()}: check AWS_ACCESS_KEY_ID, "
                            f"AWS_SECRET_ACCESS_KEY and the bucket's policy") from None
     except (oe.BaseError, OSError) as e:
+        if "NoSuchBucket" in str(e):
+            raise StorageError(f"{url}: the bucket {bucket} does not exist (endpoint {_endpoint()})") from None
         raise StorageError(f"{url}: {_reason(e)} (endpoint {_endpoint()})") from None
 
 

@@ -244,6 +244,7 @@ class SeaweedS3:
 
     def __init__(self, root, bucket="alexnet"):
         self.root, self.bucket = Path(root), bucket
+        self.root.mkdir(parents=True, exist_ok=True)
         self.key, self.secret = f"AK{secrets.token_hex(8).upper()}", secrets.token_hex(20)
         (self.root / "s3.json").write_text(json.dumps({"identities": [{
             "name": "tests", "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
@@ -265,7 +266,7 @@ class SeaweedS3:
              f"-bucket={self.bucket}", f"-s3.config={self.root / 's3.json'}", f"-s3.port={p['s3']}",
              f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
              f"-admin.port={p['admin']}", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
-             "-s3.port.lance=0", "-master.volumeSizeLimitMB=64"],
+             "-s3.port.lance=0", "-s3.autoCreateBucket=false", "-master.volumeSizeLimitMB=64"],
             stdout=open(self.root / "weed.log", "ab"), stderr=subprocess.STDOUT)
         wait_for(self.answers, timeout=120, interval=0.2)
         return self

@@ -34,6 +34,16 @@ def bucket_shards(s3, local_shards):
     return put_folder(local_shards, s3.url("shards"))
 
 
+@pytest.fixture(scope="module")
+def small_shards(tree, tmp_path_factory):
+    """The tree preprocessed into a folder in shards of 2 (17 of them): a job long enough to be cut."""
+    from pipeline.preprocess import Settings, run as preprocess_run
+
+    out = tmp_path_factory.mktemp("small-shards")
+    preprocess_run(tree, out, Settings(shard_size=2), processes=2)
+    return out
+
+
 def copy_shards(bucket_shards, url):
     for name in storage.listing(bucket_shards):
         storage.write_bytes(storage.join(url, name), storage.read_bytes(storage.join(bucket_shards, name)))
@@ -157,10 +167,7 @@ def files(folder) -> dict:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
 
 
-def test_preprocessing_into_a_bucket_killed_then_rerun_is_byte_identical_to_a_folder(s3, tree, tmp_path):
-    from pipeline.preprocess import Settings, run as preprocess_run
-
-    preprocess_run(tree, tmp_path / "folder", Settings(shard_size=2), processes=2)
+def test_preprocessing_into_a_bucket_killed_then_rerun_is_byte_identical_to_a_folder(s3, tree, small_shards):
     out = s3.url("killed")
     cmd = [sys.executable, "jobs/preprocess.py", "--src", str(tree), "--out", out, "--shard-size", "2"]
     job = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -175,7 +182,7 @@ def test_preprocessing_into_a_bucket_killed_then_rerun_is_byte_identical_to_a_fo
     result = preprocess(tree, out, "--shard-size", 2)
     assert f"took over {out}/.lock from pid {job.pid}" in result.stderr and "is gone" in result.stderr
     assert "shards were already complete and verified: kept" in result.stderr
-    assert objects(out) == files(tmp_path / "folder")
+    assert objects(out) == files(small_shards)
     assert not storage.exists(storage.join(out, ".lock"))
 
 
@@ -202,3 +209,131 @@ def test_images_in_a_bucket_give_the_shards_a_folder_gives(s3, form, tmp_path):
     assert from_bucket["splits"] == from_folder["splits"] and from_bucket["totals"] == from_folder["totals"]
     assert files(tmp_path / "bucket") == {**files(tmp_path / "folder"),
                                           "manifest.json": (tmp_path / "bucket" / "manifest.json").read_bytes()}
+
+
+class SlowDown:
+    """A proxy on 127.0.0.1 in front of the S3 server that answers every distinct request (method, path,
+    query, range) with 503 SlowDown the first time, and forwards it the next: throttling, as S3 does
+    it to a prefix read too fast, planted so that each request is refused exactly once."""
+
+    def __init__(self, target):
+        import http.client
+        import http.server
+        import threading
+
+        host, port = target.removeprefix("http://").split(":")
+        seen, lock = set(), threading.Lock()
+        self.refused = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def relay(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                what = (self.command, self.path, self.headers.get("Range"))
+                with lock:
+                    first = what not in seen
+                    seen.add(what)
+                    proxy.refused += first
+                if first:
+                    text = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(text)))
+                    self.end_headers()
+                    self.wfile.write(text)
+                    return
+                upstream = http.client.HTTPConnection(host, int(port), timeout=60)
+                # the Host header as signed by the client (SigV4 signs it)
+                upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                for name, value in self.headers.items():
+                    upstream.putheader(name, value)
+                upstream.endheaders(body)
+                answer = upstream.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                head = self.command == "HEAD"  # its Content-Length is the object's, its body empty
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", *(() if head else ("content-length",))):
+                        self.send_header(name, value)
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = relay
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_throttling_is_retried_with_backoff_and_the_job_finishes(s3, tree, local_shards, monkeypatch, tmp_path):
+    from pipeline.preprocess import Settings, run as preprocess_run
+
+    proxy = SlowDown(s3.endpoint)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        preprocess_run(tree, s3.url("throttled"), Settings(shard_size=5), processes=2)
+        verified = run("pipeline.verify", s3.url("throttled"))
+    finally:
+        proxy.close()
+    assert verified.returncode == 0, verified.stderr
+    assert proxy.refused > 30  # every PUT, GET, HEAD and listing of the job and of verify, once each
+    assert objects(s3.url("throttled")) == files(local_shards)
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "access denied by http://127.0.0.1:"),
+    ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "the server does not answer (endpoint http://127.0.0.1:9)"),
+])
+def test_wrong_credentials_and_a_silent_server_are_one_line(bucket_shards, tree, env, said):
+    checked = run("pipeline.verify", bucket_shards, env=env)
+    assert checked.returncode == 1 and said in checked.stderr and "Traceback" not in checked.stderr
+    written = subprocess.run([sys.executable, "jobs/preprocess.py", "--src", str(tree), "--out", storage.join(
+        bucket_shards, "never")], cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert written.returncode == 1 and said in written.stderr and "Traceback" not in written.stderr
+
+
+def test_a_missing_bucket_is_named(s3, tree):
+    checked = run("pipeline.verify", "s3://no-such-bucket/shards")
+    assert checked.returncode == 1 and "the bucket no-such-bucket does not exist" in checked.stderr
+    written = preprocess(tree, "s3://no-such-bucket/shards", check=False)
+    assert written.returncode == 1 and "the bucket no-such-bucket does not exist" in written.stderr
+    assert "Traceback" not in checked.stderr + written.stderr
+
+
+def test_the_server_stopped_mid_job_and_started_again_resumes_byte_identical(tree, small_shards, tmp_path, monkeypatch):
+    from conftest import SeaweedS3
+
+    server = SeaweedS3(tmp_path / "seaweedfs").start()  # a server of this test's own, to stop
+    env = {**os.environ, **server.env}
+    out = server.url("shards")
+    cmd = [sys.executable, "jobs/preprocess.py", "--src", str(tree), "--out", out, "--shard-size", "2"]
+    try:
+        job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
+        wait_for(lambda: any(n.startswith(".parts/") for n in storage.listing(out)) or job.poll() is not None)
+        server.stop()
+        log, _ = job.communicate(timeout=300)
+        assert job.returncode == 1, f"the job finished before the server could be stopped:\n{log}"
+        failed = [line for line in log.splitlines() if " ERROR " in line]
+        assert len(failed) == 1 and "run the same command again" in failed[0] and "Traceback" not in log
+        server.start()
+        again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr
+        assert "shards were already complete and verified: kept" in again.stderr
+        assert objects(out) == files(small_shards)
+    finally:
+        if server.process.poll() is None:
+            server.stop()

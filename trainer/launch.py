@@ -49,10 +49,10 @@ log = logging.getLogger("trainer")
 
 def launch(config: Config) -> int:
     """Start the run the way config and the environment ask for; -> exit status."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return torchrun(config)
     if storage.is_url(config.out):
         return in_bucket(config)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return torchrun(config)
     with run_folder(config) as problem:
         if problem:
             log.error("%s", problem)
@@ -92,9 +92,9 @@ def in_bucket(config: Config) -> int:
     """--out s3://: one process trains in a local folder that trainer/bucket.py keeps in the bucket, under
     the bucket's lock (a conditional PUT); -> exit status."""
     url = config.out
-    if config.workers:
-        log.error("--out %s: a run folder in a bucket is for one process so far; with --workers give a folder every "
-                  "node sees", url)
+    if config.workers or "RANK" in os.environ:
+        log.error("--out %s: a run folder in a bucket is for one process so far; with --workers or torchrun give a "
+                  "folder every node sees", url)
         return 2
     lock, run = BucketLock(url, " ".join(sys.argv)), BucketRun(url)
     try:
