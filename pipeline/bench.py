@@ -59,7 +59,7 @@ def bench_preprocess(src, cores, sample=2000, seed=0):
         start = time.perf_counter()
         for _, _, where in chosen:
             try:
-                encode_jpeg(resize_center_crop(decode_square(read_input(Path(src), where))))
+                encode_jpeg(resize_center_crop(decode_square(read_input(src, where))))
             except Rejected:
                 pass
         single = len(chosen) / (time.perf_counter() - start)

@@ -106,8 +106,12 @@ def test_checksums_of_objects_are_remembered_until_one_is_replaced(s3, bucket_sh
         verify_checksums(url, manifest)
 
 
-def test_the_loader_reads_the_same_batches_from_a_bucket_as_from_a_folder(bucket_shards, local_shards):
+def test_the_loader_reads_the_same_batches_from_a_bucket_as_from_a_folder(s3, bucket_shards, local_shards, monkeypatch,
+                                                                          tmp_path):
     from pipeline import build_loader
+    from pipeline.shard_cache import cache_folder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
 
     def batches(shards):
         return [(x.clone(), y.clone()) for x, y in build_loader(shards, "val", batch_size=4, crops="center",
@@ -116,6 +120,15 @@ def test_the_loader_reads_the_same_batches_from_a_bucket_as_from_a_folder(bucket
     assert len(local) == len(remote) == 3
     for (x, y), (rx, ry) in zip(local, remote):
         assert torch.equal(x, rx) and torch.equal(y, ry)
+
+    url = copy_shards(bucket_shards, s3.url("replaced"))
+    batches(url)
+    tar = storage.join(url, "val-000000.tar")
+    data = bytearray(storage.read_bytes(tar))
+    data[-1100] ^= 0xFF  # same size, another byte: a copy made before is stale
+    storage.write_bytes(tar, bytes(data))
+    batches(url)
+    assert (cache_folder(url) / "val-000000.tar").read_bytes() == bytes(data)
 
 
 def test_a_run_folder_in_a_bucket_resumes_and_survives_a_damaged_checkpoint(s3, bucket_shards, tmp_path, monkeypatch):
