@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import storage
+from pipeline import shard_cache, storage
 from pipeline.manifest import ShardDirError
 from pipeline.tasks import JobFailed
 
@@ -116,12 +116,15 @@ def bench_loader(shards, device, batch_size, seconds, cores, rounds=3, baseline=
 
     gpu = torch.device(device).type == "cuda"
     entries = read_manifest(shards)["splits"]["train"]["shards"]
-    tars = [storage.join(shards, e["name"]) for e in entries]
+    # decode_only reads what build_loader reads: a bucket's shards from their local copies (pipeline.shard_cache)
+    where = (str(shard_cache.local_copy(shards, [name for e in entries for name in (e["name"], e["index"])]))
+             if storage.is_url(shards) else shards)
+    tars = [storage.join(where, e["name"]) for e in entries]
 
     @pipeline_def(batch_size=batch_size, num_threads=cores,
                  device_id=(torch.device(device).index or 0) if gpu else None)
     def decode():
-        jpg = fn.readers.webdataset(paths=tars, index_paths=[storage.join(shards, e["index"]) for e in entries],
+        jpg = fn.readers.webdataset(paths=tars, index_paths=[storage.join(where, e["index"]) for e in entries],
                                     ext=["jpg"], missing_component_behavior="error", random_shuffle=True)
         return fn.decoders.image(jpg, output_type=types.RGB,
                                  **({"device": "mixed", "jpeg_fancy_upsampling": True} if gpu else {"device": "cpu"}))
