@@ -238,6 +238,17 @@ def free_port_pair():
             return port
 
 
+PROBE = """
+import sys, obstore
+from obstore.store import S3Store
+store = S3Store(sys.argv[1], endpoint=sys.argv[2], client_options={"allow_http": True}, retry_config={"max_retries": 0})
+obstore.put(store, ".probe", b"probe")
+assert bytes(obstore.get(store, ".probe").bytes()) == b"probe"
+next(iter(obstore.list(store)))
+obstore.delete(store, ".probe")
+"""
+
+
 class SeaweedS3:
     """A SeaweedFS (`weed mini`: master, volume, filer and S3 in one process) on 127.0.0.1, its S3 API
     on a free port, with credentials of its own; stop() and start() again keep its data."""
@@ -272,13 +283,12 @@ class SeaweedS3:
         return self
 
     def answers(self) -> bool:
-        """Whether the bucket is listed with our credentials (the S3 gateway is up and has the bucket)."""
+        """Whether an object can be written, read back and listed with our credentials: the S3 gateway,
+        the filer and a volume server all up (after a restart, the master learns where the volumes are
+        from the volume server's first heartbeat; until then reads of older objects fail with 500)."""
         if self.process.poll() is not None:
             raise RuntimeError(f"weed exited: {(self.root / 'weed.log').read_text()[-2000:]}")
-        result = subprocess.run([sys.executable, "-c", "import sys, obstore; from obstore.store import S3Store; "
-                                 "next(iter(obstore.list(S3Store(sys.argv[1], endpoint=sys.argv[2], "
-                                 "client_options={'allow_http': True}, retry_config={'max_retries': 0}))), None)",
-                                 self.bucket, self.endpoint], env={**os.environ, **self.env},
+        result = subprocess.run([sys.executable, "-c", PROBE, self.bucket, self.endpoint], env={**os.environ, **self.env},
                                 capture_output=True, timeout=60)
         return result.returncode == 0
 
