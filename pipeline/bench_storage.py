@@ -23,6 +23,7 @@ and whether it has a conditional PUT (If-None-Match: *), which the lock needs. T
 once (with boto3, not timed) and left under the prefix for the next run; the rest is removed.
 """
 import argparse
+import io
 import os
 import sys
 import time
@@ -52,7 +53,6 @@ def bench_boto3(bucket, prefix, keys, offsets, payload):
     for off in offsets:
         s3.get_object(Bucket=bucket, Key=f"{prefix}/big", Range=f"bytes={off}-{off + RANGE - 1}")["Body"].read()
     read_s = time.perf_counter() - t
-    import io
     t = time.perf_counter()
     s3.upload_fileobj(io.BytesIO(payload), bucket, f"{prefix}/written",
                       Config=TransferConfig(multipart_threshold=PART, multipart_chunksize=PART))

@@ -19,6 +19,7 @@ every server, so a contender that read the stale lock just before another took i
 the new one; the heartbeat of the run that lost it sees that within HEARTBEAT_S and says so, and
 the job refuses to write its manifest.
 """
+import datetime
 import json
 import logging
 import os
@@ -43,12 +44,17 @@ class LockHeld(Exception):
 
 class FolderLock:
     def __init__(self, folder, command=None):
-        self.folder, self.path = Path(folder), Path(folder) / ".lock"
+        self.folder, self.path = self._where(folder)
         self.token = uuid.uuid4().hex
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
                      "since": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": command or " ".join(sys.argv)}
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, daemon=True, name="folder-lock")
+
+    @staticmethod
+    def _where(folder):
+        """-> (the folder, its lock's path)."""
+        return Path(folder), Path(folder) / ".lock"
 
     def __enter__(self):
         self.acquire()
@@ -165,9 +171,9 @@ def lock_for(folder, command=None):
 class BucketLock(FolderLock):
     """FolderLock's contract on an s3:// prefix: the object `.lock`, created by a conditional PUT."""
 
-    def __init__(self, folder, command=None):
-        super().__init__(Path("."), command)
-        self.folder, self.path = str(folder).rstrip("/"), storage.join(folder, ".lock")
+    @staticmethod
+    def _where(folder):
+        return str(folder).rstrip("/"), storage.join(folder, ".lock")
 
     def acquire(self):
         body = (json.dumps(self.info) + "\n").encode()
@@ -176,7 +182,7 @@ class BucketLock(FolderLock):
                 storage.write_bytes(self.path, body, create=True)
                 break
             except FileExistsError:
-                self._take_over_if_stale(None)
+                self._take_over_if_stale()
         else:
             raise LockHeld(f"{self.path}: could not take the lock; another run keeps taking it")
         self._heartbeat.start()
@@ -212,7 +218,7 @@ class BucketLock(FolderLock):
             except storage.StorageError as e:  # the next beat tries again; STALE_S is 12 beats
                 log.warning("lock heartbeat: %s", e)
 
-    def _take_over_if_stale(self, _):
+    def _take_over_if_stale(self, _mine=None):
         holder = self._holder()
         if holder is None:  # released meanwhile: try the conditional PUT again
             return
@@ -238,6 +244,4 @@ class BucketLock(FolderLock):
 
 
 def _seconds(iso) -> float:
-    import datetime
-
     return datetime.datetime.fromisoformat(iso).timestamp()

@@ -116,7 +116,9 @@ def _reason(e) -> str:
 
 def head(url) -> dict:
     """-> {"size": bytes, "etag", "last_modified": ISO 8601}; FileNotFoundError if there is none."""
-    meta = _call(url, lambda store, key: __import__("obstore").head(store, key))
+    import obstore
+
+    meta = _call(url, lambda store, key: obstore.head(store, key))
     return {"size": meta["size"], "etag": meta["e_tag"], "last_modified": meta["last_modified"].isoformat()}
 
 
