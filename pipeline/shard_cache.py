@@ -5,9 +5,10 @@
 DALI's webdataset reader can read s3:// itself, but it fetches each sample's files with ranged GETs
 of their own: 202 samples/s against 117,051 from a folder on the CPU here (docs/object-storage.md),
 as NVIDIA/DALI#5551 reports for TFRecords. The nearest correct route: each shard and index is
-fetched whole, one GET, into ~/.cache/alexnet-pipeline/shards/<hash of the URL>/, and DALI reads
-those. A copy is kept while the object's size and ETag stay those it was fetched at (a HEAD each,
-on THREADS threads, every time a loader is built); an object replaced since is fetched again.
+fetched whole, one GET, into ~/.cache/alexnet-pipeline/shards/<hash of the URL>/ (THREADS at a
+time), and DALI reads those. A copy is kept while the object's size and ETag stay those it was
+fetched at (one paged listing gives them, every time a loader is built); an object replaced since
+is fetched again.
 Processes of one node that build their loaders at once may fetch the same object twice; each
 writes under a name of its own and renames, so a copy is always whole. The copies cost disk the
 size of the shards (~32 GB for ImageNet at 256 px): delete the folder to free it.
@@ -25,7 +26,7 @@ from pipeline import storage
 
 log = logging.getLogger(__name__)
 
-THREADS = 8  # concurrent HEADs and GETs: each waits on the server, not the CPU
+THREADS = 8  # concurrent GETs: each waits on the server, not the CPU
 RECORD = ".objects.json"  # {name: {"size", "etag"}} of the copies
 
 
@@ -43,10 +44,13 @@ def local_copy(url, names) -> Path:
         record = json.loads((folder / RECORD).read_text())
     except (OSError, ValueError):
         record = {}
-    start = time.perf_counter()
+    start, there = time.perf_counter(), storage.objects(url)  # sizes and ETags: one paged listing
+    missing = [name for name in names if name not in there]
+    if missing:
+        raise FileNotFoundError(f"{storage.join(url, missing[0])} does not exist")
+    heads = {name: there[name] for name in names}
+    stale = [name for name in names if not _current(folder / name, record.get(name), heads[name])]
     with ThreadPoolExecutor(THREADS) as pool:
-        heads = dict(zip(names, pool.map(lambda name: storage.head(storage.join(url, name)), names)))
-        stale = [name for name in names if not _current(folder / name, record.get(name), heads[name])]
         list(pool.map(lambda name: _fetch(storage.join(url, name), folder / name), stale))
     record = {name: {"size": heads[name]["size"], "etag": heads[name]["etag"]} for name in names}
     tmp = folder / f"{RECORD}.{uuid.uuid4().hex[:12]}"

@@ -223,13 +223,21 @@ def delete(url):
 
 def listing(url) -> dict:
     """{name below url: size} of every object under url/ (paged ListObjectsV2, 1,000 keys a page)."""
+    return {name: meta["size"] for name, meta in objects(url).items()}
+
+
+def objects(url) -> dict:
+    """{name below url: {"size", "etag", "last_modified"}} of every object under url/, as head() gives
+    them, from the same paged listing."""
     import obstore
 
     prefix = split(url)[1]
     prefix = f"{prefix}/" if prefix else ""
 
     def do(store, key):
-        return {m["path"][len(prefix):]: m["size"] for batch in obstore.list(store, prefix or None) for m in batch}
+        return {m["path"][len(prefix):]: {"size": m["size"], "etag": m["e_tag"],
+                                          "last_modified": m["last_modified"].isoformat()}
+                for batch in obstore.list(store, prefix or None) for m in batch}
     return _call(url, do)
 
 

@@ -107,16 +107,14 @@ def verify_checksums(shards, manifest, threads=None) -> dict:
 
 def _identities(shards, names) -> dict:
     """{name: what changes when the file or object does}: a file's size, inode, mtime and ctime; an
-    object's size, ETag and last-modified (one listing gives the sizes, a HEAD each the rest)."""
+    object's size, ETag and last-modified (one paged listing gives them all)."""
     if not storage.is_url(shards):
         return {name: _identity(Path(shards) / name) for name in names}
-    identities = {}
-    for name in names:
-        try:
-            identities[name] = storage.head(join(shards, name))
-        except FileNotFoundError:
-            raise ShardDirError(f"{join(shards, name)} is missing: run the preprocessing into {shards} again") from None
-    return identities
+    there = storage.objects(shards)
+    missing = sorted(set(names) - there.keys())
+    if missing:
+        raise ShardDirError(f"{join(shards, missing[0])} is missing: run the preprocessing into {shards} again")
+    return {name: there[name] for name in names}
 
 
 def _identity(path) -> dict:
