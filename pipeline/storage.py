@@ -7,8 +7,9 @@
 Credentials, region and endpoint follow the AWS conventions, read from the environment by obstore:
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN), AWS_REGION, and AWS_ENDPOINT_URL for a
 server other than AWS (MinIO, Ceph, SeaweedFS, GCS's S3 API); an http:// endpoint is allowed. Without
-keys in the environment, obstore asks the instance's metadata service (EC2, EKS). DALI reads the same
-variables when it streams s3:// shards itself. Profiles of ~/.aws/config are not read.
+keys in the environment, obstore asks the instance's metadata service (EC2, EKS). Profiles of
+~/.aws/config are not read. The loader's shards are fetched through this module too, whole
+(pipeline.shard_cache): DALI reading s3:// itself fetched a sample at a time.
 
 Why obstore (python -m pipeline.bench_storage, docs/object-storage.md): on a SeaweedFS on loopback it
 listed 28-51 k keys/s (boto3 8-10 k), read 690-805 ranged GETs/s (boto3 320-410) and wrote 74-82 MB/s
