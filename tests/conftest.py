@@ -279,7 +279,11 @@ class SeaweedS3:
              f"-admin.port={p['admin']}", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
              "-s3.port.lance=0", "-s3.autoCreateBucket=false", "-master.volumeSizeLimitMB=64"],
             stdout=open(self.root / "weed.log", "ab"), stderr=subprocess.STDOUT)
-        wait_for(self.answers, timeout=120, interval=0.2)
+        try:
+            wait_for(self.answers, timeout=120, interval=0.2)
+        except BaseException:  # a server that never became ready is not left running
+            self.stop()
+            raise
         return self
 
     def answers(self) -> bool:
@@ -294,7 +298,11 @@ class SeaweedS3:
 
     def stop(self):
         self.process.terminate()
-        self.process.wait(timeout=60)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 @pytest.fixture(scope="session")

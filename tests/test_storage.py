@@ -328,12 +328,15 @@ def test_a_missing_bucket_is_named(s3, tree):
 def test_the_server_stopped_mid_job_and_started_again_resumes_byte_identical(tree, small_shards, tmp_path, monkeypatch):
     from conftest import SeaweedS3
 
-    server = SeaweedS3(tmp_path / "seaweedfs").start()  # a server of this test's own, to stop
+    server = SeaweedS3(tmp_path / "seaweedfs")  # a server of this test's own, to stop
     env = {**os.environ, **server.env}
     out = server.url("shards")
     cmd = [sys.executable, "jobs/preprocess.py", "--src", str(tree), "--out", out, "--shard-size", "2"]
+    job = None
     try:
-        job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        server.start()
+        job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
         for name, value in server.env.items():
             monkeypatch.setenv(name, value)
         wait_for(lambda: any(n.startswith(".parts/") for n in storage.listing(out)) or job.poll() is not None)
@@ -348,5 +351,8 @@ def test_the_server_stopped_mid_job_and_started_again_resumes_byte_identical(tre
         assert "shards were already complete and verified: kept" in again.stderr
         assert objects(out) == files(small_shards)
     finally:
-        if server.process.poll() is None:
+        if job and job.poll() is None:  # a failed assertion above: the job and the Ray it started
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+        if server.process and server.process.poll() is None:
             server.stop()
