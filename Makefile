@@ -1,5 +1,6 @@
 # make test: .venv with the project installed, then the whole test suite (what CI runs).
 # make demo: the whole job on scikit-learn's handwritten digits (jobs/demo.sh), 12-17 min on 2 CPU cores.
+# make demo-s3: the same job through a bucket of a SeaweedFS S3 server on 127.0.0.1 (jobs/demo-s3.sh).
 # make gpu-check: on a CUDA machine, the GPU side measured into gpu-check/report.md and .json
 # (trainer/gpu_check.py), with the venv's python if there is one, else $(PYTHON) as it is (a GPU
 # machine that has torch with CUDA, and DALI on its PYTHONPATH).
@@ -21,7 +22,7 @@ WHEELHOUSE ?= wheelhouse
 PY ?= 3.12
 PLATFORMS ?= manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_27_x86_64 manylinux_2_28_x86_64
 
-.PHONY: test demo gpu-check wheelhouse clean
+.PHONY: test demo demo-s3 gpu-check wheelhouse clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,9 @@ test: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash jobs/demo.sh
+
+demo-s3: $(BIN)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash jobs/demo-s3.sh
 
 gpu-check:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m trainer.gpu_check --out gpu-check

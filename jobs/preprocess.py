@@ -8,7 +8,8 @@
 ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz), read in place; Kaggle's copy (ILSVRC/Data/CLS-LOC/,
 LOC_val_solution.csv); or a tree train/<class>/ with val/<class>/ or a flat val/ (labelled by the devkit
 beside it, or --val-labels). On a cluster, --src and --out must be paths that every node sees (NFS, a
-shared volume): each task reads its inputs and writes its shard there directly.
+shared volume) or s3:// URLs (docs/object-storage.md): each task reads its inputs and writes its shard
+there directly.
 """
 import argparse
 import logging
@@ -20,8 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
+from pipeline import storage  # noqa: E402
 from pipeline.cli import HelpFormatter  # noqa: E402
-from pipeline.lock import FolderLock, LockHeld  # noqa: E402
+from pipeline.lock import LockHeld, lock_for  # noqa: E402
 from pipeline.preprocess import JobFailed, Settings, run  # noqa: E402
 from pipeline.progress import bar  # noqa: E402
 from pipeline.tasks import unreachable  # noqa: E402
@@ -50,7 +52,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python jobs/preprocess.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--src", required=True, help="ImageNet's archives, Kaggle's copy, or a tree train/<class>/<file> "
                                                 "with val/<class>/<file> or a flat val/ (see above)")
-    p.add_argument("--out", required=True, help="output folder for shards, manifest, pca.json, rejects")
+    p.add_argument("--out", required=True, help="output folder or s3:// URL for shards, manifest, pca.json, rejects")
     p.add_argument("--val-labels", help="labels of a flat val: the devkit (ILSVRC2012_devkit_t12.tar.gz or its folder), "
                                         "Kaggle's LOC_val_solution.csv, or lines '<file> <class>' (default: the "
                                         "devkit or Kaggle's CSV in --src)")
@@ -77,7 +79,7 @@ def parse_args(argv=None):
     if "runtime_resources" in os.getcwd():  # a `ray job submit --working-dir` job runs in a copy
         for name in ("src", "out", "val_labels"):
             value = getattr(args, name)
-            if value and not os.path.isabs(value):
+            if value and not os.path.isabs(value) and not storage.is_url(value):
                 p.error(f"--{name.replace('_', '-')} {value} is relative to the job's copy of the working "
                         f"dir, which Ray deletes: give a path every node sees, absolute")
     return args
@@ -98,7 +100,7 @@ def main(argv=None):
     if problem:
         log.error("%s", problem)
         return 1
-    lock = FolderLock(args.out)
+    lock = lock_for(args.out)
     try:
         lock.acquire()  # before Ray starts: a second run on --out refuses at once
     except LockHeld as e:
@@ -108,10 +110,13 @@ def main(argv=None):
         log.error("cannot write into --out %s: %s", args.out, e.strerror or e)
         return 1
     try:
+        # the tasks read and write the bucket with the job's own endpoint and keys, wherever they run
+        urls = storage.is_url(args.src) or storage.is_url(args.out)
+        env = {"env_vars": storage.environment()} if urls and storage.environment() else None
         if args.address:
-            ray.init(address=args.address, log_to_driver=True)
+            ray.init(address=args.address, log_to_driver=True, runtime_env=env)
         else:
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=env)
         try:
             manifest = run(args.src, args.out, settings, args.val_labels, args.max_reject_fraction,
                            args.val_fraction, progress=Progress(), lock=lock)
@@ -125,7 +130,7 @@ def main(argv=None):
     totals = manifest["totals"]
     log.info("done: %d samples in %s (%d train, %d val shards); manifest %s",
              totals["written"], args.out, len(manifest["splits"]["train"]["shards"]),
-             len(manifest["splits"]["val"]["shards"]), Path(args.out) / "manifest.json")
+             len(manifest["splits"]["val"]["shards"]), storage.join(args.out, "manifest.json"))
     return 0
 
 

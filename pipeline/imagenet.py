@@ -21,12 +21,14 @@ import os
 import tarfile
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.manifest import write_json
 from pipeline.tasks import JobFailed, parallel
 
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12"
 KAGGLE = "ILSVRC/Data/CLS-LOC"
 KAGGLE_LABELS, KAGGLE_NAMES = "LOC_val_solution.csv", "LOC_synset_mapping.txt"
+RANGE_BUFFER = 1 << 20  # bytes a ranged GET reads of an archive in a bucket
 INDEX = ".index"  # in OUT: the archives' member byte ranges, one JSON per inner tar and one for val
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 META = "data/meta.mat"
@@ -34,11 +36,11 @@ LABEL_FORMS = ("the devkit (ILSVRC2012_devkit_t12.tar.gz or its folder), Kaggle'
                "or a text file of lines '<file> <class>'")
 
 
-def devkit_beside(src):
-    """The devkit in `src`, archive or folder, or None."""
+def devkit_beside(view):
+    """The devkit in the source `view` (pipeline.source), archive or folder, as a local path; or None."""
     for name in (f"{DEVKIT}.tar.gz", f"{DEVKIT}.tgz", f"{DEVKIT}.tar", DEVKIT):
-        if (Path(src) / name).exists():
-            return Path(src) / name
+        if view.exists(name):
+            return view.local(name)
     return None
 
 
@@ -76,8 +78,9 @@ def tar_members(path, start=0, size=None, what=None) -> list:
     [start, start + size) (the whole file by default), in the tar's order; JobFailed, one line, if
     that is not a tar or it is cut short."""
     what = what or str(path)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size - start if size is None else size
+    f, total = _open(path)
+    with f:
+        size = total - start if size is None else size
         try:
             tar = tarfile.open(fileobj=_Window(f, start, size), mode="r:")
             members = [(m.name, start + m.offset_data, m.size) for m in tar if m.isfile()]
@@ -103,11 +106,20 @@ def index_member(path, start, size, what, cache, stamp) -> list:
     return members
 
 
+def _open(path):
+    """-> (a binary file, its size): a local file, or an object read by ranged GETs of RANGE_BUFFER bytes
+    (a tar's headers lie ~110 kB apart in ImageNet's: one GET reads ~9 of them)."""
+    if storage.is_url(path):
+        reader = storage.RangeReader(path)
+        return io.BufferedReader(reader, RANGE_BUFFER), reader.size
+    f = open(path, "rb")
+    return f, os.fstat(f.fileno()).st_size
+
+
 def _cached(cache, stamp):
     """The members kept in `cache` if it was written for `stamp`, else None."""
     try:
-        with open(cache) as f:
-            kept = json.load(f)
+        kept = json.loads(storage.read_bytes(cache) if storage.is_url(cache) else Path(cache).read_bytes())
     except (OSError, ValueError):
         return None
     return kept["members"] if kept.get("stamp") == stamp else None
@@ -117,28 +129,30 @@ def read_archives(src, out, processes, hidden):
     """-> ({wnid: [(name, class index, where)]} of train, [(name, -1, where)] of val): every image of the
     archives in `src`, where = (archive, offset, size), name = train/<wnid>/<file> or val/<file> as in
     the extracted tree, each list sorted by name, a class's index its wnid's position among the sorted.
-    Inner tars whose index OUT/.index/ lacks are indexed in parallel (Ray tasks, or `processes`)."""
-    src = Path(src)
-    index = Path(out) / INDEX if out else None
-    archives = [name for name in (TRAIN_TAR, VAL_TAR) if (src / name).exists()]
-    if index:
-        (index / TRAIN_TAR).mkdir(parents=True, exist_ok=True)
-    stamps = {name: _stamp(src / name) for name in archives}
+    Inner tars whose index OUT/.index/ lacks are indexed in parallel (Ray tasks, or `processes`). `src`
+    and `out` may be s3:// URLs: an archive in a bucket is read by ranged GETs, never downloaded whole."""
+    src = str(src)
+    index = storage.join(out, INDEX) if out else None
+    stamps = {name: stamp for name in (TRAIN_TAR, VAL_TAR) if (stamp := _stamp(storage.join(src, name)))}
+    if index and not storage.is_url(index):
+        Path(index, TRAIN_TAR).mkdir(parents=True, exist_ok=True)
     wnids, regions = {}, {}  # the inner tars by wnid, those named like ._n01440764.tar left out
-    for name, start, size in _list(src / TRAIN_TAR, index and index / f"{TRAIN_TAR}.json", stamps[TRAIN_TAR]):
+    train_tar = storage.join(src, TRAIN_TAR)
+    for name, start, size in _list(train_tar, index and storage.join(index, f"{TRAIN_TAR}.json"), stamps[TRAIN_TAR]):
         wnid = name.rsplit("/", 1)[-1].removesuffix(".tar")
-        if not _hide(wnid, f"{src / TRAIN_TAR}:{name}", hidden):
+        if not _hide(wnid, f"{train_tar}:{name}", hidden):
             wnids[wnid], regions[TRAIN_TAR, name] = name, (start, size)
-    if VAL_TAR in archives:
-        regions[VAL_TAR, ""] = (0, os.path.getsize(src / VAL_TAR))
+    if VAL_TAR in stamps:
+        regions[VAL_TAR, ""] = (0, stamps[VAL_TAR]["bytes"])
     found, calls = {}, {}
     for (archive, name), (start, size) in regions.items():
         stamp = {**stamps[archive], "start": start, "size": size}
-        cache = index and (index / archive / f"{name.replace('/', '%')}.json" if name else index / f"{archive}.json")
+        cache = index and (storage.join(index, archive, f"{name.replace('/', '%')}.json") if name
+                           else storage.join(index, f"{archive}.json"))
         members = cache and _cached(cache, stamp)
         if members is None:
-            what = f"{src / archive}: {name}" if name else str(src / archive)
-            calls[archive, name] = (str(src / archive), start, size, what, cache and str(cache), stamp)
+            what = f"{storage.join(src, archive)}: {name}" if name else storage.join(src, archive)
+            calls[archive, name] = (storage.join(src, archive), start, size, what, cache, stamp)
         else:
             found[archive, name] = members
     found.update(parallel(index_member, calls.items(), processes))
@@ -147,8 +161,15 @@ def read_archives(src, out, processes, hidden):
     return train, _images(found.get((VAL_TAR, ""), []), VAL_TAR, "val", src, hidden, -1)
 
 
-def _stamp(path):
-    st = os.stat(path)
+def _stamp(path) -> dict | None:
+    """What changes when the archive does, or None where there is none."""
+    try:
+        if storage.is_url(path):
+            meta = storage.head(path)
+            return {"bytes": meta["size"], "etag": meta["etag"]}
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
     return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
@@ -162,7 +183,7 @@ def _images(members, archive, folder, src, hidden, label):
     images = []
     for name, start, size in sorted(members):
         file = name.rsplit("/", 1)[-1]
-        if not _hide(file, f"{src / archive}:{name}", hidden):
+        if not _hide(file, f"{storage.join(src, archive)}:{name}", hidden):
             images.append((f"{folder}/{file}", label, (archive, start, size)))
     return images
 

@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline import storage
+
 # Pillow's own bomb check warns or raises at its own limits; we check the header ourselves
 # against `max_pixels` so that the reason names the cap the user chose.
 Image.MAX_IMAGE_PIXELS = None
@@ -24,11 +26,17 @@ class Rejected(Exception):
 
 
 def read_bytes(path, start=0, size=-1) -> bytes:
-    """The file's bytes, or `size` of them from `start` (an image inside an archive)."""
+    """The file's (or object's) bytes, or `size` of them from `start` (an image inside an archive). An
+    object that cannot be read for want of a server (StorageError) is not the image's fault: raised."""
     try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            data = f.read(size)
+        if storage.is_url(path):
+            data = storage.read_bytes(path) if size < 0 else storage.read_range(path, start, size)
+        else:
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read(size)
+    except storage.StorageError:
+        raise
     except OSError as e:
         raise Rejected("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
     if len(data) < size:

@@ -51,6 +51,7 @@ import os
 import numpy as np
 import torch
 
+from pipeline import shard_cache, storage
 from pipeline.manifest import SPLITS, read_pca
 from pipeline.verify import verify
 
@@ -109,6 +110,8 @@ def build_loader(shards, split="train", batch_size=128, device="cpu", crops="ran
     if not entries:
         raise ValueError(f"{shards} has no {split} samples")
     pca = read_pca(shards)
+    if storage.is_url(shards):  # DALI reads a bucket a sample at a time: from whole copies instead (shard_cache)
+        shards = str(shard_cache.local_copy(shards, [name for e in entries for name in (e["name"], e["index"])]))
     size = manifest["settings"]["size"]
     span = size - CROP
     if span < 0:

@@ -9,7 +9,17 @@ and on NFS alike (the classic NFS-safe lock; O_EXCL creation is not safe on ever
 The holder touches the lock every HEARTBEAT_S seconds. A lock is stale, and the next run takes it
 over with a warning, when its holder's process is gone (a holder on this host) or its heartbeat is
 older than STALE_S (a holder anywhere; the age is read on the file system's clock, not ours).
+
+In a bucket (`OUT` an s3:// URL, `BucketLock`) the lock is the object `OUT/.lock`, created with a
+conditional PUT (If-None-Match: *), which the server refuses when the object exists, atomically.
+The heartbeat rewrites it; its age is its last-modified against that of an object the contender
+writes (the server's clock both). A stale lock is deleted and created anew with the conditional
+PUT: of two contenders, one creates it and the other is refused. S3 has no conditional DELETE on
+every server, so a contender that read the stale lock just before another took it over may delete
+the new one; the heartbeat of the run that lost it sees that within HEARTBEAT_S and says so, and
+the job refuses to write its manifest.
 """
+import datetime
 import json
 import logging
 import os
@@ -19,6 +29,8 @@ import threading
 import time
 import uuid
 from pathlib import Path
+
+from pipeline import storage
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +44,17 @@ class LockHeld(Exception):
 
 class FolderLock:
     def __init__(self, folder, command=None):
-        self.folder, self.path = Path(folder), Path(folder) / ".lock"
+        self.folder, self.path = self._where(folder)
         self.token = uuid.uuid4().hex
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
                      "since": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": command or " ".join(sys.argv)}
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, daemon=True, name="folder-lock")
+
+    @staticmethod
+    def _where(folder):
+        """-> (the folder, its lock's path)."""
+        return Path(folder), Path(folder) / ".lock"
 
     def __enter__(self):
         self.acquire()
@@ -144,3 +161,87 @@ def _mtime(path) -> float:
         return os.stat(path).st_mtime
     except OSError:
         return float("inf")  # gone: not stale, the next look decides
+
+
+def lock_for(folder, command=None):
+    """The lock of a folder (FolderLock) or of a bucket's prefix (BucketLock), by what `folder` is."""
+    return (BucketLock if storage.is_url(folder) else FolderLock)(folder, command)
+
+
+class BucketLock(FolderLock):
+    """FolderLock's contract on an s3:// prefix: the object `.lock`, created by a conditional PUT."""
+
+    @staticmethod
+    def _where(folder):
+        return str(folder).rstrip("/"), storage.join(folder, ".lock")
+
+    def acquire(self):
+        body = (json.dumps(self.info) + "\n").encode()
+        for _ in range(5):  # a takeover can lose a race to another run's: look again
+            try:
+                storage.write_bytes(self.path, body, create=True)
+                break
+            except FileExistsError:
+                self._take_over_if_stale()
+        else:
+            raise LockHeld(f"{self.path}: could not take the lock; another run keeps taking it")
+        self._heartbeat.start()
+
+    def release(self):
+        self._stop.set()
+        if self._heartbeat.is_alive():
+            self._heartbeat.join()
+        try:
+            if self.holds():
+                storage.delete(self.path)
+        except storage.StorageError as e:  # left behind: the next run takes it over once it is stale
+            log.warning("could not release %s (%s): the next run takes it over %.0fs after its last heartbeat",
+                        self.path, e, STALE_S)
+
+    def holds(self) -> bool:
+        holder = self._holder()
+        return holder is not None and holder.get("token") == self.token
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(storage.read_bytes(self.path))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _beat(self):
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                if not self.holds():
+                    log.error("%s was taken over by another run: this run's output can no longer be trusted", self.path)
+                    return
+                storage.write_bytes(self.path, (json.dumps(self.info) + "\n").encode())
+            except storage.StorageError as e:  # the next beat tries again; STALE_S is 12 beats
+                log.warning("lock heartbeat: %s", e)
+
+    def _take_over_if_stale(self, _mine=None):
+        holder = self._holder()
+        if holder is None:  # released meanwhile: try the conditional PUT again
+            return
+        probe = storage.join(self.folder, f".lock.{self.token}")
+        storage.write_bytes(probe, b"")  # the server's clock now
+        try:
+            now, then = storage.head(probe)["last_modified"], storage.head(self.path)["last_modified"]
+        except FileNotFoundError:
+            return
+        finally:
+            storage.delete(probe)
+        age = _seconds(now) - _seconds(then)
+        reason = _stale(holder, age)
+        who = (f"pid {holder.get('pid')} on {holder.get('host')}, running since {holder.get('since')} "
+               f"({holder.get('command')})")
+        if reason is None:
+            raise LockHeld(f"{self.folder} is in use by {who}; its last heartbeat was {max(age, 0):.0f}s ago. "
+                           f"Wait for it to finish or stop it; a lock whose holder has died is taken over "
+                           f"by the next run ({STALE_S:.0f}s after its last heartbeat at most).")
+        if self._holder() == holder:
+            storage.delete(self.path)
+            log.warning("took over %s from %s: %s", self.path, who, reason)
+
+
+def _seconds(iso) -> float:
+    return datetime.datetime.fromisoformat(iso).timestamp()

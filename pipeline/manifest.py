@@ -19,6 +19,8 @@ import os
 import uuid
 from pathlib import Path
 
+from pipeline import storage
+
 MANIFEST, PCA, REJECTS, PARTS = "manifest.json", "pca.json", "rejects.jsonl", ".parts"
 SPLITS = ("train", "val")
 
@@ -27,13 +29,21 @@ class ShardDirError(Exception):
     """A shard directory that cannot be used; the message says what to run."""
 
 
+def json_bytes(obj) -> bytes:
+    """manifest.json, pca.json, .verified.json as written: sorted keys, one-space indent, a final newline."""
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
 def write_json(path, obj):
-    """Write JSON under a temporary name, fsync, rename: readers see the old file or the new one."""
+    """Write JSON under a temporary name, fsync, rename: readers see the old file or the new one (an
+    object: one PUT, whole or not at all)."""
+    if storage.is_url(path):
+        storage.write_bytes(path, json_bytes(obj))
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # a name no other writer uses
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
+    with open(tmp, "wb") as f:
+        f.write(json_bytes(obj))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -46,6 +56,12 @@ def class_labels(classes, names=None) -> list[str]:
 
 
 def read_manifest(shards) -> dict:
+    if storage.is_url(shards):
+        if not storage.exists(storage.join(shards, MANIFEST)):
+            storage.listing_level(shards)  # a missing bucket is said as such (a HEAD's 404 does not tell)
+            raise ShardDirError(f"{storage.join(shards, MANIFEST)} does not exist: make shards with "
+                                f"`python jobs/preprocess.py --src TREE --out {shards}`, or let it finish")
+        return _read_json(shards, MANIFEST)
     path = Path(shards) / MANIFEST
     if not Path(shards).is_dir():
         raise ShardDirError(f"{shards} does not exist: make shards with "
@@ -62,10 +78,14 @@ def read_pca(shards) -> dict:
 
 def _read_json(shards, name) -> dict:
     """A JSON file of the shard folder; one missing or damaged is a ShardDirError that says what to run."""
-    path = Path(shards) / name
+    path = storage.join(shards, name)
     try:
+        if storage.is_url(path):
+            return json.loads(storage.read_bytes(path))
         with open(path) as f:
             return json.load(f)
+    except storage.StorageError:
+        raise
     except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
         raise ShardDirError(f"{path} cannot be read ({e}): run `python jobs/preprocess.py --src TREE --out {shards}` "
                             f"again, which writes it anew") from None

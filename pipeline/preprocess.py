@@ -6,7 +6,6 @@ JPEG it wrote once more, renames the shard into place and then writes a record o
 `.parts/`; the record is what a rerun trusts (after checking the shard's sha256), so a run
 killed at any moment resumes and ends with the same bytes as an uninterrupted one.
 """
-import bisect
 import errno
 import fcntl
 import hashlib
@@ -19,6 +18,7 @@ import re
 import resource
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -28,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import __version__, imagenet
-from pipeline.lock import FolderLock
+from pipeline import __version__, imagenet, storage
+from pipeline.lock import lock_for
 from pipeline.images import MAX_PIXELS, Rejected, read_bytes, to_sample
 from pipeline.manifest import MANIFEST, PARTS, PCA, REJECTS, SPLITS, write_json
 from pipeline.pca import Moments
+from pipeline.source import source_of
 from pipeline.shards import ShardWriter, replace_atomically, sha256_file
 from pipeline.tasks import JobFailed, parallel
 
@@ -68,32 +69,33 @@ def scan(src, val_labels=None, val_fraction=0.0, seed=0, out=None, processes=Non
     val/<class>/ or a flat val/ with labels (pipeline.imagenet). The archives are indexed into
     OUT/.index/ on Ray (or `processes`). val_fraction: hold out this share of every class of train as
     val (seeded), for a source without val."""
-    src, hidden = Path(src), []
-    if not src.is_dir():
+    view, hidden = source_of(src), []
+    if not view.is_dir():
         raise JobFailed(f"{src} is a file: --src is a folder, an image tree or the one that holds ImageNet's archives"
-                        if src.exists() else
+                        if view.exists() else
                         f"{src} does not exist: --src is an image tree or the folder of ImageNet's archives")
-    if (src / imagenet.TRAIN_TAR).exists():
-        form, labels = "archives", val_labels or imagenet.devkit_beside(src)
+    if view.exists(imagenet.TRAIN_TAR):
+        form, labels = "archives", val_labels or imagenet.devkit_beside(view)
         train, val = imagenet.read_archives(src, out, processes, hidden)
-        val = {"": val} if (src / imagenet.VAL_TAR).exists() else None
-        where = f"{src / imagenet.VAL_TAR}"
+        val = {"": val} if view.exists(imagenet.VAL_TAR) else None
+        where = view.name(imagenet.VAL_TAR)
     else:
-        kaggle = (src / imagenet.KAGGLE / "train").is_dir()
+        kaggle = view.is_dir(f"{imagenet.KAGGLE}/train")
         form, base = ("kaggle", imagenet.KAGGLE) if kaggle else ("tree", "")
-        if not (src / base / "train").is_dir():
+        if not view.is_dir(f"{base}/train".lstrip("/")):
             raise JobFailed(f"{src} holds neither train/<class>/ folders, nor {imagenet.TRAIN_TAR}, nor Kaggle's "
                             f"{imagenet.KAGGLE}/train/: --src must be one of them (docs/imagenet.md)")
-        train = _folders(src, base, "train", hidden)
-        val = _folders(src, base, "val", hidden) if (src / base / "val").is_dir() else None
-        labels = val_labels or (_exists(src / imagenet.KAGGLE_LABELS) if kaggle else imagenet.devkit_beside(src))
-        where = f"{src / base / 'val'}"
+        train = _folders(view, base, "train", hidden)
+        val = _folders(view, base, "val", hidden) if view.is_dir(f"{base}/val".lstrip("/")) else None
+        labels = val_labels or (view.local(imagenet.KAGGLE_LABELS) if kaggle and view.exists(imagenet.KAGGLE_LABELS)
+                                else None if kaggle else imagenet.devkit_beside(view))
+        where = view.name(f"{base}/val".lstrip("/"))
     loose = train.pop("", [])  # files beside the class folders: no class
     classes = sorted(train)
     if not classes:
         raise JobFailed(f"{src} has no classes: expected train/<class>/<image files>")
     index = {c: i for i, c in enumerate(classes)}
-    names = imagenet.read_names(src / imagenet.KAGGLE_NAMES) if (src / imagenet.KAGGLE_NAMES).is_file() else {}
+    names = imagenet.read_names(view.local(imagenet.KAGGLE_NAMES)) if view.is_file(imagenet.KAGGLE_NAMES) else {}
     splits = {"train": loose + list(itertools.chain.from_iterable(train[c] for c in classes)), "val": []}
     if not splits["train"]:
         raise JobFailed(f"{src} has {len(classes)} classes and no images in them: expected train/<class>/<image files>")
@@ -120,46 +122,19 @@ def scan(src, val_labels=None, val_fraction=0.0, seed=0, out=None, processes=Non
     return Tree(classes, splits, sorted(hidden), [names.get(c, "") for c in classes], form)
 
 
-def _exists(path):
-    return path if path.exists() else None
-
-
-def _folders(src, base, split, hidden) -> dict:
+def _folders(view, base, split, hidden) -> dict:
     """{class: [(name, class index, where)]} of src/base/split/<class>/<entry>, with "" (index -1) for
     the files of split/ itself; name = split/<class>/<entry>, sorted; the index is the class's position
     among the sorted folders. No stat per file: a scandir of split/, a listdir of each class folder (where
-    a folder, as an input, is rejected as unreadable: nothing is skipped quietly)."""
-    folder = Path(src) / base / split
-    classes, files = _listing(folder, hidden)
+    a folder, as an input, is rejected as unreadable: nothing is skipped quietly); in a bucket, the listing."""
+    folder = f"{base}/{split}".lstrip("/")
+    classes, files = view.listing(folder, hidden)
     found = {"": [(f"{split}/{f}", -1, f"{base}/{split}/{f}".lstrip("/")) for f in files]} if files else {}
     for label, c in enumerate(classes):
-        prefix, entries = f"{split}/{c}/", _entries(folder / c, hidden)
+        prefix, entries = f"{split}/{c}/", view.entries(f"{folder}/{c}", hidden)
         found[c] = ([(prefix + e, label, f"{base}/{prefix}{e}") for e in entries] if base
                     else [(name := prefix + e, label, name) for e in entries])  # where is name: one string
     return found
-
-
-def _entries(folder, hidden):
-    """The sorted names in `folder`, those that start with "." added to `hidden` instead."""
-    names = sorted(os.listdir(folder))
-    start, end = bisect.bisect_left(names, "."), bisect.bisect_left(names, "/")  # "." sorts as one run, then "/"
-    if start == end:  # no pass over the names in Python: ImageNet's 1.33 M are listed in ~1,000 folders
-        return names
-    hidden += [os.path.join(folder, name) for name in names[start:end]]
-    return names[:start] + names[end:]
-
-
-def _listing(folder, hidden):
-    """-> (sorted names of the folders in `folder`, sorted names of its other entries); entries whose
-    names start with "." are added to `hidden` instead."""
-    folders, files = [], []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.name.startswith("."):
-                hidden.append(entry.path)
-            else:
-                (folders if entry.is_dir() else files).append(entry.name)
-    return sorted(folders), sorted(files)
 
 
 def _labelled(flat, labels_path, index):
@@ -231,18 +206,29 @@ def plan(split, items, settings: Settings):
 
 def write_shard(spec, src, out, settings: Settings) -> dict:
     """The Ray task: one shard, or the record of an identical one already written."""
-    src, out, name = Path(src), Path(out), spec["name"]
-    tar_path, idx_path, record_path = out / f"{name}.tar", out / f"{name}.idx", out / PARTS / f"{name}.json"
+    src, name = src if storage.is_url(src) else Path(src), spec["name"]
+    tar_path, idx_path = storage.join(out, f"{name}.tar"), storage.join(out, f"{name}.idx")
+    record_path = storage.join(out, PARTS, f"{name}.json")
     record = _finished(record_path, tar_path, idx_path, spec["fingerprint"])
     if record is not None:
         return {**record, "resumed": True}
 
     import cv2
     cv2.setNumThreads(1)  # one task per core already
+    if storage.is_url(out):
+        # each PUT makes its object whole or not at all: the tar, its index, then the record a rerun
+        # trusts; attempts of one task write the same bytes, so the last PUT of each may win
+        with tempfile.TemporaryDirectory(prefix=f"{name}.") as tmp:
+            record = _write_samples(spec, src, settings, Path(tmp, "tar"), Path(tmp, "idx"))
+            if record["samples"]:
+                storage.upload(Path(tmp, "tar"), tar_path)
+                storage.upload(Path(tmp, "idx"), idx_path)
+            write_json(record_path, record)
+        return {**record, "resumed": False}
     # Names of this attempt's own: when Ray runs a task again while an attempt it believes dead
     # still writes, neither writes into the other's files; the tar, its index and its record are
     # put in place under a lock, so the last attempt to finish wins whole.
-    attempt = uuid.uuid4().hex[:12]
+    out, attempt = Path(out), uuid.uuid4().hex[:12]
     tmp_tar, tmp_idx = out / f".{name}.{attempt}.tar.tmp", out / f".{name}.{attempt}.idx.tmp"
     try:
         record = _write_samples(spec, src, settings, tmp_tar, tmp_idx)
@@ -266,7 +252,8 @@ def _write_samples(spec, src, settings, tmp_tar, tmp_idx) -> dict:
         try:
             jpeg, decoded = _sample(src, where, cls, settings)
         except Rejected as e:
-            path = src / where if isinstance(where, str) else f"{src / where[0]}:{name}" if where else name
+            path = (storage.join(src, where) if isinstance(where, str) else f"{storage.join(src, where[0])}:{name}"
+                    if where else name)
             rejects.append({"path": str(path), "reason": str(e)})
             continue
         if spec["split"] == "train":
@@ -298,26 +285,38 @@ def _sample(src, where, cls, settings):
 
 
 def read_input(src, where) -> bytes:
-    """An input's bytes, by its `where` (Tree): a file in src, or a byte range of an archive in it."""
-    return read_bytes(src / where) if isinstance(where, str) else read_bytes(src / where[0], *where[1:])
+    """An input's bytes, by its `where` (Tree): a file (or object) in src, or a byte range of an archive in
+    it (a ranged GET in a bucket)."""
+    path = storage.join(src, where if isinstance(where, str) else where[0])
+    return read_bytes(path) if isinstance(where, str) else read_bytes(path, *where[1:])
 
 
 def _finished(record_path, tar_path, idx_path, fingerprint):
-    """The record of this exact shard if it and its files are intact, else None."""
+    """The record of this exact shard if it and its files (or objects) are intact, else None."""
     try:
-        with open(record_path) as f:
-            record = json.load(f)
+        record = json.loads(_read(record_path))
     except (OSError, ValueError):
         return None
     if record.get("fingerprint") != fingerprint:
         return None
     if record["samples"] == 0:
         return record
-    intact = (tar_path.exists() and idx_path.exists()
-              and tar_path.stat().st_size == record["bytes"]
+    intact = (_bytes_of(tar_path) == record["bytes"] and _bytes_of(idx_path) is not None
               and sha256_file(tar_path) == record["sha256"]
               and sha256_file(idx_path) == record["index_sha256"])
     return record if intact else None
+
+
+def _read(path) -> bytes:
+    return storage.read_bytes(path) if storage.is_url(path) else Path(path).read_bytes()
+
+
+def _bytes_of(path) -> int | None:
+    """The size of a file or object; None where there is none."""
+    try:
+        return storage.head(path)["size"] if storage.is_url(path) else os.stat(path).st_size
+    except FileNotFoundError:
+        return None
 
 
 def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01, val_fraction=0.0,
@@ -331,9 +330,12 @@ def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01
     Returns the manifest; raises JobFailed if rejects exceed `max_reject_fraction`, if the disk
     fills up, or LockHeld if another run is writing `out`.
     """
-    out, clock = Path(out), Clock()
-    with nullcontext(lock) if lock else FolderLock(out) as lock:
-        (out / MANIFEST).unlink(missing_ok=True)  # the manifest is only ever there for a finished run
+    out, clock = out if storage.is_url(out) else Path(out), Clock()
+    with nullcontext(lock) if lock else lock_for(out) as lock:
+        if storage.is_url(out):  # the manifest is only ever there for a finished run
+            storage.delete(storage.join(out, MANIFEST))
+        else:
+            (out / MANIFEST).unlink(missing_ok=True)
         tree = scan(src, val_labels, val_fraction, settings.seed, out, processes)
         if tree.hidden:
             log.info("skipped %d hidden entries (names starting with '.'), e.g. %s", len(tree.hidden), tree.hidden[0])
@@ -372,8 +374,11 @@ def write_shards(splits, src, out, settings, progress=None, processes=None) -> l
     """Every shard of `splits` ({split: items}, Tree.splits), on Ray or `processes`, each task submitted as
     its spec is made: the tasks start before the plan ends. -> their records, train's then val's."""
     names = [name for split in SPLITS for name in shard_names(split, len(splits.get(split, [])), settings)]
-    (out / PARTS).mkdir(parents=True, exist_ok=True)
-    _remove_stale(out, set(names))
+    if storage.is_url(out):
+        _remove_stale_objects(out, set(names))
+    else:
+        (out / PARTS).mkdir(parents=True, exist_ok=True)
+        _remove_stale(out, set(names))
     records, processed = {}, 0
     if progress:
         progress(0, len(names), 0)
@@ -385,6 +390,8 @@ def write_shards(splits, src, out, settings, progress=None, processes=None) -> l
             processed += 0 if record["resumed"] else record["inputs"]
             if progress:
                 progress(len(records), len(names), processed)
+    except storage.StorageError as e:  # a bucket that stopped answering: the others were cancelled
+        raise JobFailed(f"{e}; run the same command again: the finished shards are kept") from None
     except OSError as e:  # a task could not write (a full disk, a quota): the others were cancelled
         inputs = sum(len(splits.get(split, [])) for split in SPLITS)
         raise JobFailed(_write_failed(out, e, inputs, records, len(names), settings.size)) from None
@@ -435,11 +442,23 @@ def _remove_stale(out, planned):
                 path.unlink()
 
 
+def _remove_stale_objects(out, planned):
+    """_remove_stale in a bucket: the shards and records of an older run's plan."""
+    for name in storage.listing(out):
+        stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        if re.fullmatch(r"(train|val)-\d{6}", stem) and stem not in planned and name.count("/") <= 1:
+            log.info("removing %s: not part of this run's plan", storage.join(out, name))
+            storage.delete(storage.join(out, name))
+
+
 def _finish(out, src, tree, records, settings, val_labels, val_fraction, max_reject_fraction, lock):
     rejects = [reject for r in records for reject in r["rejects"]]
-    with open(out / f".{REJECTS}.tmp", "w") as f:
-        f.writelines(json.dumps(reject) + "\n" for reject in rejects)
-    replace_atomically(out / f".{REJECTS}.tmp", out / REJECTS)
+    lines = "".join(json.dumps(reject) + "\n" for reject in rejects)
+    if storage.is_url(out):
+        storage.write_bytes(storage.join(out, REJECTS), lines.encode())
+    else:
+        (out / f".{REJECTS}.tmp").write_text(lines)
+        replace_atomically(out / f".{REJECTS}.tmp", out / REJECTS)
 
     inputs = sum(r["inputs"] for r in records)
     by_reason = dict(sorted(Counter(r["reason"].split(":")[0] for r in rejects).items()))
@@ -448,23 +467,23 @@ def _finish(out, src, tree, records, settings, val_labels, val_fraction, max_rej
     log.info("written %d of %d inputs; rejected %d (%s)", written, inputs, len(rejects), summary)
     if inputs and len(rejects) > max_reject_fraction * inputs:
         raise JobFailed(f"{len(rejects)} of {inputs} inputs rejected ({len(rejects) / inputs:.1%}), "
-                        f"more than --max-reject-fraction {max_reject_fraction:g}: see {out / REJECTS}; "
+                        f"more than --max-reject-fraction {max_reject_fraction:g}: see {storage.join(out, REJECTS)}; "
                         f"fix or remove those inputs, or raise --max-reject-fraction, and run again")
     for r in records:  # nothing but this run wrote here since (a stray writer would have changed a size)
-        tar = out / f"{r['name']}.tar"
-        if r["samples"] and (not tar.exists() or tar.stat().st_size != r["bytes"]):
+        tar = storage.join(out, f"{r['name']}.tar")
+        if r["samples"] and _bytes_of(tar) != r["bytes"]:
             raise JobFailed(f"{tar} changed while this run wrote {out}: another writer was at work; "
                             f"run the same command again")
     if not lock.holds():
-        raise JobFailed(f"another run took {out / '.lock'} over while this one wrote: run the same command again")
+        raise JobFailed(f"another run took {lock.path} over while this one wrote: run the same command again")
 
     moments = Moments()
     for r in records:
         if r["split"] == "train":
             moments.merge(Moments(**r["moments"]))
     if not moments.count:
-        raise JobFailed(f"every training image was rejected: see {out / REJECTS}")
-    write_json(out / PCA, moments.pca())
+        raise JobFailed(f"every training image was rejected: see {storage.join(out, REJECTS)}")
+    write_json(storage.join(out, PCA), moments.pca())
     manifest = {
         "tool": f"alexnet-pipeline {__version__}",
         "classes": tree.classes,
@@ -476,7 +495,7 @@ def _finish(out, src, tree, records, settings, val_labels, val_fraction, max_rej
         "totals": {"inputs": inputs, "written": written, "rejected": len(rejects),
                    "rejected_by_reason": by_reason, "skipped_hidden": len(tree.hidden)},
     }
-    write_json(out / MANIFEST, manifest)
+    write_json(storage.join(out, MANIFEST), manifest)  # last: what readers take for a finished run
     return manifest
 
 

@@ -10,6 +10,8 @@ import io
 import os
 import tarfile
 
+from pipeline import storage
+
 INDEX_VERSION = "v1.2"
 
 
@@ -42,10 +44,12 @@ class ShardWriter:
         return len(self.index_lines)
 
 
-def iter_samples(tar_path):
-    """Yield (key, {ext: bytes}) in tar order, reading the archive as a stream (nothing is extracted)."""
+def iter_samples(tar):
+    """Yield (key, {ext: bytes}) in tar order, reading the archive (a path or a binary file object) as a
+    stream (nothing is extracted)."""
     key, files = None, {}
-    with tarfile.open(tar_path, "r:") as tar:
+    opened = tarfile.open(fileobj=tar, mode="r:") if hasattr(tar, "read") else tarfile.open(tar, "r:")
+    with opened as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -60,7 +64,12 @@ def iter_samples(tar_path):
 
 
 def sha256_file(path) -> str:
+    """The sha256 of a file, or of an object (s3://), streamed once."""
     h = hashlib.sha256()
+    if storage.is_url(path):
+        for chunk in storage.chunks(path):
+            h.update(chunk)
+        return h.hexdigest()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)

@@ -2,6 +2,7 @@
 
     python -m pipeline.verify shards/            # counts, sizes, sha256, every JPEG decodes
     python -m pipeline.verify shards/ --no-deep  # counts and sizes only
+    python -m pipeline.verify s3://bucket/shards # the same, on shards in object storage
 
 Exits non-zero with a message naming the first problem.
 
@@ -10,10 +11,12 @@ and index file against the manifest, hashed on all cores, and remembered in `.ve
 shard folder, or under ~/.cache where that is read-only) by file name, size, inode, mtime and ctime,
 so that a second run on the same shards starts at once and a file changed since is hashed again
 (writing a file changes its ctime, whatever its mtime is set back to). A file changed in the last
-SETTLED_S seconds is hashed but not remembered.
+SETTLED_S seconds is hashed but not remembered. Shards in a bucket are streamed once each and
+remembered under ~/.cache by size, ETag and last-modified (which every write of an object changes).
 """
 import argparse
 import hashlib
+import io
 import json
 import os
 import sys
@@ -21,61 +24,77 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.cli import HelpFormatter
 from pipeline.images import decode_jpeg, jpeg_frame
 from pipeline.manifest import PCA, SPLITS, ShardDirError, read_manifest, read_pca, write_json
 from pipeline.shards import INDEX_VERSION, iter_samples, sha256_file
+from pipeline.storage import join
 
 VERIFIED = ".verified.json"
 SETTLED_S = 2  # seconds since its last change before a file's check is remembered
 
 
 def verify(shards, deep=True) -> dict:
-    """-> the manifest, or raises ShardDirError naming the first problem found."""
-    shards = Path(shards)
+    """-> the manifest, or raises ShardDirError naming the first problem found. `shards`: a folder or
+    an s3:// URL (its objects' sizes from one listing)."""
     manifest = read_manifest(shards)
     redo = f"run the preprocessing into {shards} again (it redoes what is damaged)"
-    if not (shards / PCA).exists():
-        raise ShardDirError(f"{shards / PCA} is missing: {redo}")
+    sizes = _sizes(shards)
+    if PCA not in sizes:
+        raise ShardDirError(f"{join(shards, PCA)} is missing: {redo}")
     read_pca(shards)  # and is JSON
     size, classes = manifest["settings"]["size"], len(manifest["classes"])
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
-            tar, idx = shards / shard["name"], shards / shard["index"]
-            for path in (tar, idx):
-                if not path.exists():
-                    raise ShardDirError(f"{path} is missing: {redo}")
-            if tar.stat().st_size != shard["bytes"]:
-                raise ShardDirError(f"{tar} has {tar.stat().st_size} bytes, the manifest says "
+            for name in (shard["name"], shard["index"]):
+                if name not in sizes:
+                    raise ShardDirError(f"{join(shards, name)} is missing: {redo}")
+            tar, idx = join(shards, shard["name"]), join(shards, shard["index"])
+            if sizes[shard["name"]] != shard["bytes"]:
+                raise ShardDirError(f"{tar} has {sizes[shard['name']]} bytes, the manifest says "
                                     f"{shard['bytes']}: {redo}")
-            with open(idx) as f:
-                header = f.readline().split()
-            if header != [INDEX_VERSION, str(shard["samples"])]:
+            if _index_header(idx) != [INDEX_VERSION, str(shard["samples"])]:
                 raise ShardDirError(f"{idx} does not index {shard['samples']} samples: {redo}")
             if deep:
                 _verify_contents(tar, shard, size, classes, redo)
     return manifest
 
 
+def _sizes(shards) -> dict:
+    """{file name: bytes} of the folder's files, or of the objects directly under the URL."""
+    if storage.is_url(shards):
+        return {name: size for name, size in storage.listing(shards).items() if "/" not in name}
+    return {p.name: p.stat().st_size for p in Path(shards).iterdir() if p.is_file()}
+
+
+def _index_header(idx) -> list[str]:
+    """The index file's first line, split: [version, samples]."""
+    if storage.is_url(idx):
+        return storage.read_range(idx, 0, 64).decode(errors="replace").split("\n")[0].split()
+    with open(idx) as f:
+        return f.readline().split()
+
+
 def verify_checksums(shards, manifest, threads=None) -> dict:
     """Raise ShardDirError naming every shard or index file whose sha256 is not the manifest's;
     -> {"hashed": files hashed now, "remembered": files whose earlier check still holds}."""
-    shards = Path(shards)
     expected = {shard[name_key]: shard[sha_key] for split in SPLITS for shard in manifest["splits"][split]["shards"]
                 for name_key, sha_key in (("name", "sha256"), ("index", "index_sha256")) if sha_key in shard}
     memory_path = _memory_path(shards)
     memory = remembered = _read_memory(memory_path)
-    stats = {name: _identity(shards / name) for name in expected}
+    stats = _identities(shards, expected)
     todo = [name for name in expected if memory.get(name) != {**stats[name], "sha256": expected[name]}]
     with ThreadPoolExecutor(threads or len(os.sched_getaffinity(0))) as pool:  # hashlib releases the GIL
-        digests = dict(zip(todo, pool.map(sha256_file, [shards / name for name in todo])))
+        digests = dict(zip(todo, pool.map(sha256_file, [join(shards, name) for name in todo])))
     bad = sorted(name for name, digest in digests.items() if digest != expected[name])
     memory = {name: entry for name, entry in memory.items() if name in expected and name not in bad}
     # git's "racy" rule: on a file system whose clock is coarse (1 s on some), a file changed within
-    # the same tick as its check would keep its ctime; only a file older than that is remembered
+    # the same tick as its check would keep its ctime; only a file older than that is remembered. An
+    # object's ETag changes with every write: it is remembered at once.
     settled = time.time_ns() - SETTLED_S * 1e9
     memory.update({name: {**stats[name], "sha256": digest} for name, digest in digests.items()
-                   if name not in bad and stats[name]["ctime_ns"] < settled})
+                   if name not in bad and stats[name].get("ctime_ns", 0) < settled})
     if memory != remembered:  # a second run on unchanged shards writes nothing
         _write_memory(memory_path, memory)
     if bad:
@@ -85,6 +104,18 @@ def verify_checksums(shards, manifest, threads=None) -> dict:
             f"into {shards} again (it redoes exactly the damaged shards), or `python -m pipeline.verify {shards}` "
             f"to see what is wrong; --no-verify-shards skips this check")
     return {"hashed": len(todo), "remembered": len(expected) - len(todo)}
+
+
+def _identities(shards, names) -> dict:
+    """{name: what changes when the file or object does}: a file's size, inode, mtime and ctime; an
+    object's size, ETag and last-modified (one paged listing gives them all)."""
+    if not storage.is_url(shards):
+        return {name: _identity(Path(shards) / name) for name in names}
+    there = storage.objects(shards)
+    missing = sorted(set(names) - there.keys())
+    if missing:
+        raise ShardDirError(f"{join(shards, missing[0])} is missing: run the preprocessing into {shards} again")
+    return {name: there[name] for name in names}
 
 
 def _identity(path) -> dict:
@@ -97,10 +128,14 @@ def _identity(path) -> dict:
 
 
 def _memory_path(shards) -> Path:
-    """.verified.json in the shard folder; under ~/.cache for a folder this process cannot write."""
-    if os.access(shards, os.W_OK):
-        return shards / VERIFIED
-    key = hashlib.sha256(str(shards.resolve()).encode()).hexdigest()[:16]
+    """.verified.json in the shard folder; under ~/.cache for a folder this process cannot write, and
+    for a bucket (a reader of shards need not be allowed to write there)."""
+    if not storage.is_url(shards):
+        shards = Path(shards)
+        if os.access(shards, os.W_OK):
+            return shards / VERIFIED
+        shards = shards.resolve()
+    key = hashlib.sha256(str(shards).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alexnet-pipeline" / "verified"
     return cache / f"{key}.json"
 
@@ -124,7 +159,7 @@ def _verify_contents(tar, shard, size, classes, redo):
     if sha256_file(tar) != shard["sha256"]:
         raise ShardDirError(f"{tar} does not match its sha256 in the manifest: {redo}")
     count = 0
-    for key, files in iter_samples(tar):
+    for key, files in iter_samples(io.BytesIO(storage.read_bytes(tar)) if storage.is_url(tar) else tar):
         count += 1
         if set(files) != {"cls", "jpg"}:
             raise ShardDirError(f"{tar}: sample {key} has {sorted(files)}, expected cls and jpg")
@@ -144,13 +179,13 @@ def _verify_contents(tar, shard, size, classes, redo):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m pipeline.verify", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("shards", help="a folder written by jobs/preprocess.py")
+    p.add_argument("shards", help="a folder or s3:// URL written by jobs/preprocess.py")
     p.add_argument("--deep", action=argparse.BooleanOptionalAction, default=True,
                    help="also check sha256 and decode every JPEG")
     args = p.parse_args(argv)
     try:
         manifest = verify(args.shards, deep=args.deep)
-    except ShardDirError as e:
+    except (ShardDirError, storage.StorageError) as e:
         print(f"verify: {e}", file=sys.stderr)
         return 1
     counts = {split: manifest["splits"][split]["samples"] for split in SPLITS}

@@ -223,3 +223,101 @@ def wait_for(condition, timeout=120, interval=0.05):
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         time.sleep(interval)
+
+
+def free_port_pair():
+    """A free port p on 127.0.0.1 whose p + 10000 is free too: SeaweedFS serves gRPC there."""
+    while True:
+        port = free_port()
+        if port < 55000:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
+PROBE = """
+import sys, obstore
+from obstore.store import S3Store
+store = S3Store(sys.argv[1], endpoint=sys.argv[2], client_options={"allow_http": True}, retry_config={"max_retries": 0})
+obstore.put(store, ".probe", b"probe")
+assert bytes(obstore.get(store, ".probe").bytes()) == b"probe"
+next(iter(obstore.list(store)))
+obstore.delete(store, ".probe")
+"""
+
+
+class SeaweedS3:
+    """A SeaweedFS (`weed mini`: master, volume, filer and S3 in one process) on 127.0.0.1, its S3 API
+    on a free port, with credentials of its own; stop() and start() again keep its data."""
+
+    def __init__(self, root, bucket="alexnet"):
+        self.root, self.bucket = Path(root), bucket
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.key, self.secret = f"AK{secrets.token_hex(8).upper()}", secrets.token_hex(20)
+        (self.root / "s3.json").write_text(json.dumps({"identities": [{
+            "name": "tests", "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        self.ports = {name: free_port_pair() for name in ("s3", "master", "volume", "filer", "admin")}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.key,
+                    "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_REGION": "us-east-1"}
+        self.process = None
+
+    def url(self, *names) -> str:
+        return "/".join([f"s3://{self.bucket}", *names])
+
+    def start(self):
+        (self.root / "data").mkdir(exist_ok=True)
+        p = self.ports
+        self.process = subprocess.Popen(
+            [BIN / "weed", "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-bucket={self.bucket}", f"-s3.config={self.root / 's3.json'}", f"-s3.port={p['s3']}",
+             f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
+             f"-admin.port={p['admin']}", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
+             "-s3.port.lance=0", "-s3.autoCreateBucket=false", "-master.volumeSizeLimitMB=64"],
+            stdout=open(self.root / "weed.log", "ab"), stderr=subprocess.STDOUT)
+        try:
+            wait_for(self.answers, timeout=120, interval=0.2)
+        except BaseException:  # a server that never became ready is not left running
+            self.stop()
+            raise
+        return self
+
+    def answers(self) -> bool:
+        """Whether an object can be written, read back and listed with our credentials: the S3 gateway,
+        the filer and a volume server all up (after a restart, the master learns where the volumes are
+        from the volume server's first heartbeat; until then reads of older objects fail with 500)."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"weed exited: {(self.root / 'weed.log').read_text()[-2000:]}")
+        result = subprocess.run([sys.executable, "-c", PROBE, self.bucket, self.endpoint], env={**os.environ, **self.env},
+                                capture_output=True, timeout=60)
+        return result.returncode == 0
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """The tests' S3 server, its credentials and endpoint in this process's environment (DALI and the
+    subprocesses read them there). Stopped however the tests end."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    saved = {name: os.environ.get(name) for name in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

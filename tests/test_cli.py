@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 ENTRY_POINTS = ["python jobs/preprocess.py"] + [f"python -m {m}" for m in (
-    "pipeline.sample", "pipeline.miniature", "pipeline.verify", "pipeline.bench",
+    "pipeline.sample", "pipeline.miniature", "pipeline.verify", "pipeline.bench", "pipeline.bench_storage",
     "trainer.run", "trainer.evaluate", "trainer.predict", "trainer.bench",
     "trainer.stage_times", "trainer.worker_scaling", "trainer.gpu_check", "trainer.study")]
 

@@ -20,6 +20,7 @@ What a checkpoint holds (written by trainer/loop.py): model, optimizer, schedule
 epoch_step, world_size, per rank its loader state, RNG states and running loss sum, and what
 trainer.evaluate and trainer.predict need: classes, class_names, normalisation, preprocessing.
 """
+import io
 import logging
 import os
 import shutil
@@ -27,6 +28,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from pipeline import storage
 
 log = logging.getLogger("trainer")
 
@@ -125,12 +128,16 @@ def check_room(out, state_bytes: int):
 
 
 def read(path) -> dict:
-    """A checkpoint's dict on the CPU; CheckpointError, naming the file and what to do, if it is damaged."""
-    path = Path(path)
+    """A checkpoint's dict on the CPU; CheckpointError, naming the file and what to do, if it is damaged.
+    `path` may be an s3:// URL (trainer.evaluate and trainer.predict read a bucket's run so)."""
+    path = path if storage.is_url(path) else Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path,
+                           map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist: name a run's {CHECKPOINT}") from None
+    except storage.StorageError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:  # a truncated zip, a damaged pickle, not a checkpoint at all
         raise Damaged(path, reason(e)) from None
     if not isinstance(state, dict) or not set(REQUIRED) <= set(state):
@@ -168,6 +175,8 @@ def read_latest(out) -> dict:
 
 def damaged(path, why) -> str:
     """What to say of a damaged checkpoint: which, why, and the good one behind it if there is one."""
+    if storage.is_url(path):
+        return f"{path} is damaged ({why}): `python -m trainer.run --resume` with --out its run folder takes the one before it"
     path = Path(path)
     previous = path.with_name(PREVIOUS)
     if path.name == CHECKPOINT and previous.exists():

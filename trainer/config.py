@@ -124,6 +124,8 @@ def parse_args(argv=None, doc=None) -> Config:
     # `ray job submit --working-dir` the current folder is a copy that Ray deletes when the job ends.
     for name in ("shards", "out"):
         value = getattr(config, name)
+        if value.startswith("s3://"):  # a bucket is the same from every node
+            continue
         if "runtime_resources" in os.getcwd() and not os.path.isabs(value):
             p.error(f"--{name} {value} is relative to the job's copy of the working dir, which Ray deletes: "
                     f"give a path every node sees, absolute")

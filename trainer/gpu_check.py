@@ -166,7 +166,7 @@ def model_rows(shards, gpu, batch_sizes, seconds) -> list:
 
 def training_options(cores) -> list:
     """[(row, trainer.run's flags)]: the training loop under each option that keeps the pipeline out of the
-    step's way (README, "On a GPU"), each alone against the defaults."""
+    step's way (docs/benchmarks.md, "On a GPU"), each alone against the defaults."""
     return [("defaults", []), (f"DALI threads {cores} (all cores)", ["--dali-threads", str(cores)]),
             ("hw_decoder_load 1", ["--hw-decoder-load", "1"]), ("uint8 hand-over", ["--uint8-handover"]),
             ("CUDA graphs", ["--compile-mode", "reduce-overhead"])]

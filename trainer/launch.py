@@ -10,7 +10,8 @@
 Each launcher sets up torch.distributed (NCCL on GPUs, gloo on CPUs), picks this process's
 device(s) and calls trainer.loop.train, which knows only its rank and world size. With several
 replicas, --out must be one folder every node sees (rank 0 writes it, every rank reads the
-checkpoint when it resumes), and so must --shards.
+checkpoint when it resumes), and so must --shards. --shards may be an s3:// URL; --out too, for one
+process (trainer/bucket.py).
 
 Ray Train: the cluster named by --address / $RAY_ADDRESS, else a private Ray on 127.0.0.1 for this
 run. Rank 0 reports every checkpoint to Ray Train (a pointer to RUN/checkpoint.pt); when a worker
@@ -34,9 +35,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.lock import FolderLock, LockHeld
+from pipeline import storage
+from pipeline.lock import BucketLock, FolderLock, LockHeld
 from pipeline.tasks import unreachable
 from trainer import checkpoint
+from trainer.bucket import BucketRun
 from trainer.config import Config
 from trainer.loop import train
 from trainer.stop import StopRequest, clear_request, request_file
@@ -46,6 +49,8 @@ log = logging.getLogger("trainer")
 
 def launch(config: Config) -> int:
     """Start the run the way config and the environment ask for; -> exit status."""
+    if storage.is_url(config.out):
+        return in_bucket(config)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return torchrun(config)
     with run_folder(config) as problem:
@@ -83,6 +88,42 @@ def run_folder(config: Config):
             out.rmdir()
 
 
+def in_bucket(config: Config) -> int:
+    """--out s3://: one process trains in a local folder that trainer/bucket.py keeps in the bucket, under
+    the bucket's lock (a conditional PUT); -> exit status."""
+    url = config.out
+    if config.workers or "RANK" in os.environ:
+        log.error("--out %s: a run folder in a bucket is for one process so far; with --workers or torchrun give a "
+                  "folder every node sees", url)
+        return 2
+    lock, run = BucketLock(url, " ".join(sys.argv)), BucketRun(url)
+    try:
+        lock.acquire()
+    except (LockHeld, storage.StorageError) as e:
+        log.error("%s", e)
+        return 2
+    try:
+        run.pull()
+        config.out = str(run.local)
+        log.info("run folder %s, worked in %s: TensorBoard's event files and the pictures stay there "
+                 "(`tensorboard --logdir %s`)", url, run.local, run.local)
+        problem = refusal(config)
+        if problem:
+            log.error("%s", problem.replace(str(run.local), url))
+            return 2
+        stop = StopRequest()
+        stop.install()
+        status = train(config, on_save=run.push_or_warn, stop=stop)
+        run.push()
+        return status
+    except storage.StorageError as e:
+        log.error("%s; the run's files are in %s: continue with --resume when the bucket answers", e, run.local)
+        return 1
+    finally:
+        config.out = url
+        lock.release()
+
+
 def refusal(config: Config) -> str | None:
     """Why config.out cannot take this run, or None."""
     out = Path(config.out)
@@ -103,10 +144,15 @@ def refusal(config: Config) -> str | None:
             if saved.get(key, getattr(config, key)) != getattr(config, key):
                 return (f"--resume: {out} was trained with --{key.replace('_', '-')} {saved[key]}, not "
                         f"{getattr(config, key)}: resume with the same, or start a new --out")
-        if Path(saved.get("shards", config.shards)).absolute() != Path(config.shards):
+        if _where(saved.get("shards", config.shards)) != _where(config.shards):
             return (f"--resume: {out} was trained on --shards {saved['shards']}, not {config.shards}: "
                     f"resume with the same, or start a new --out")
     return None
+
+
+def _where(shards) -> str:
+    """--shards as a comparable string: a folder made absolute, a bucket's URL as it is."""
+    return shards if shards.startswith("s3://") else str(Path(shards).absolute())
 
 
 def torchrun(config: Config) -> int:

@@ -420,7 +420,8 @@ def train(config: Config, devices=None, on_save=None, stop=None) -> int:
     out = Path(config.out)
     try:
         trainer = Trainer(config, devices, on_save, stop)  # the loaders refuse shards that do not match their manifest
-    except (ShardDirError, checkpoint.CheckpointError, ImportError) as e:  # ImportError: DALI's, one line
+    except (ShardDirError, checkpoint.CheckpointError, ImportError, ConnectionError) as e:  # ImportError: DALI's;
+        # ConnectionError: a bucket that cannot be read (pipeline.storage.StorageError), one line each
         log.error("%s", e)
         return 2
     if config.resume:

@@ -1,0 +1,257 @@
+"""Object storage: an `s3://bucket/prefix` URL wherever a folder is accepted, through obstore.
+
+    from pipeline import storage
+    storage.is_url("s3://imagenet/shards")            # True; a plain path is a folder as before
+    storage.head("s3://imagenet/shards/train-000000.tar")   # {"size", "etag", "last_modified"}
+
+Credentials, region and endpoint follow the AWS conventions, read from the environment by obstore:
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN), AWS_REGION, and AWS_ENDPOINT_URL for a
+server other than AWS (MinIO, Ceph, SeaweedFS, GCS's S3 API); an http:// endpoint is allowed. Without
+keys in the environment, obstore asks the instance's metadata service (EC2, EKS). Profiles of
+~/.aws/config are not read. The loader's shards are fetched through this module too, whole
+(pipeline.shard_cache): DALI reading s3:// itself fetched a sample at a time.
+
+Why obstore (python -m pipeline.bench_storage, docs/object-storage.md): on a SeaweedFS on loopback it
+listed 28-51 k keys/s (boto3 8-10 k), read 690-805 ranged GETs/s (boto3 320-410) and wrote 74-82 MB/s
+in multipart (boto3 69-77), beside pyarrow.fs's 35-42 k, 710-750 and 78-79; and of the three, pyarrow.fs
+has no conditional PUT, which the lock needs (`If-None-Match: *`, obstore's mode="create").
+
+A PUT makes an object whole or not at all (S3 writes nothing visible until the request, or the
+multipart upload, completes), so a killed writer leaves the old object or none. Throttling (503
+SlowDown) and other transient failures are retried by obstore with exponential backoff, RETRIES times
+within RETRY_S seconds; a server that does not answer is said after that, in one line.
+"""
+import datetime
+import functools
+import io
+import os
+from pathlib import Path
+
+SCHEME = "s3://"
+RETRIES = 6  # backoff 0.1 s doubling to at most 10 s: ~6 s of retries, jittered (boto3's standard mode: 3 tries)
+RETRY_S = 30  # seconds: how long a request keeps retrying before its failure is said
+CONNECT_S = 5  # seconds to open a connection
+
+
+class StorageError(ConnectionError):
+    """Object storage that cannot be used: wrong credentials, a missing bucket, a server that does not
+    answer. The message is one line that names the URL and what to check."""
+
+
+def is_url(path) -> bool:
+    return str(path).startswith(SCHEME)
+
+
+def join(base, *names) -> str:
+    """A folder's path or a bucket's URL, with names appended; a str either way."""
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *names])
+    return str(Path(base, *names))
+
+
+def split(url) -> tuple[str, str]:
+    """s3://bucket/a/b -> ("bucket", "a/b")."""
+    bucket, _, key = str(url)[len(SCHEME):].partition("/")
+    if not bucket:
+        raise StorageError(f"{url}: no bucket named (s3://bucket/prefix)")
+    return bucket, key.strip("/")
+
+
+@functools.cache
+def _store(bucket, pid, endpoint):
+    """One client a bucket, process and endpoint: obstore's runtime does not survive a fork (pid in the key)."""
+    from obstore.store import S3Store
+
+    return S3Store(bucket, endpoint=endpoint,
+                   client_options={"allow_http": bool(endpoint and endpoint.startswith("http://")),
+                                   "connect_timeout": f"{CONNECT_S}s"},
+                   retry_config={"max_retries": RETRIES, "retry_timeout": datetime.timedelta(seconds=RETRY_S),
+                                 "backoff": {"init_backoff": datetime.timedelta(milliseconds=100),
+                                             "max_backoff": datetime.timedelta(seconds=10), "base": 2}})
+
+
+def _call(url, do):
+    """do(store, key) with obstore's failures said as one line: FileNotFoundError for a missing object
+    (as a folder's file would), FileExistsError for a conditional PUT that lost, StorageError else."""
+    import obstore.exceptions as oe
+
+    bucket, key = split(url)
+    try:
+        return do(_store(bucket, os.getpid(), os.environ.get("AWS_ENDPOINT_URL")), key)
+    except (FileNotFoundError, oe.NotFoundError) as e:
+        if "NoSuchBucket" in str(e):
+            raise StorageError(f"{url}: the bucket {bucket} does not exist (endpoint {_endpoint()})") from None
+        raise FileNotFoundError(f"{url} does not exist") from None
+    except oe.AlreadyExistsError:
+        raise FileExistsError(f"{url} exists") from None
+    except (oe.PermissionDeniedError, oe.UnauthenticatedError):
+        raise StorageError(f"{url}: access denied by {_endpoint()}: check AWS_ACCESS_KEY_ID, "
+                           f"AWS_SECRET_ACCESS_KEY and the bucket's policy") from None
+    except (oe.BaseError, OSError) as e:
+        if "NoSuchBucket" in str(e):
+            raise StorageError(f"{url}: the bucket {bucket} does not exist (endpoint {_endpoint()})") from None
+        raise StorageError(f"{url}: {_reason(e)} (endpoint {_endpoint()})") from None
+
+
+def environment() -> dict:
+    """The AWS_* variables of this process (endpoint, keys, region): what a Ray task elsewhere needs to
+    reach the same bucket as its driver."""
+    return {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
+
+
+def _endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL") or "AWS S3 (AWS_ENDPOINT_URL unset)"
+
+
+def _reason(e) -> str:
+    """obstore's message is many lines (its debug dump follows): its first, shortened, and the S3 code."""
+    text = str(e)
+    for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "NoSuchBucket", "SlowDown"):
+        if code in text:
+            return code
+    first = text.splitlines()[0] if text else type(e).__name__
+    if "error sending request" in text or "Connection refused" in text or "connect" in first.lower():
+        return "the server does not answer"
+    return first[:300]
+
+
+def head(url) -> dict:
+    """-> {"size": bytes, "etag", "last_modified": ISO 8601}; FileNotFoundError if there is none."""
+    import obstore
+
+    meta = _call(url, lambda store, key: obstore.head(store, key))
+    return {"size": meta["size"], "etag": meta["e_tag"], "last_modified": meta["last_modified"].isoformat()}
+
+
+def exists(url) -> bool:
+    try:
+        head(url)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def read_bytes(url) -> bytes:
+    import obstore
+
+    return _call(url, lambda store, key: bytes(obstore.get(store, key).bytes()))
+
+
+def read_range(url, start, length) -> bytes:
+    import obstore
+
+    return _call(url, lambda store, key: bytes(obstore.get_range(store, key, start=start, length=length)))
+
+
+def chunks(url):
+    """The object's bytes as they stream in (a few MB at a time): hashing it holds no copy of it."""
+    import obstore
+
+    stream = _call(url, lambda store, key: obstore.get(store, key).stream(min_chunk_size=4 << 20))
+    try:
+        for chunk in stream:
+            yield bytes(chunk)
+    except Exception as e:  # noqa: BLE001 -- obstore raises its own types mid-stream
+        raise StorageError(f"{url}: {_reason(e)} while reading (endpoint {_endpoint()})") from None
+
+
+def write_bytes(url, data: bytes, create=False):
+    """PUT, whole or not at all; create: only if there is no object there (If-None-Match: *), else
+    FileExistsError."""
+    import obstore
+
+    _call(url, lambda store, key: obstore.put(store, key, data, mode="create" if create else "overwrite"))
+
+
+def upload(path, url):
+    """A local file to `url`, in multipart above 10 MB; the object appears when the whole has arrived."""
+    import obstore
+
+    _call(url, lambda store, key: obstore.put(store, key, Path(path), chunk_size=8 << 20))
+
+
+class RangeReader(io.RawIOBase):
+    """An object as a seekable binary file, each read a ranged GET (wrap it in io.BufferedReader)."""
+
+    def __init__(self, url):
+        super().__init__()
+        self.url, self.size, self.pos = url, head(url)["size"], 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, pos, whence=io.SEEK_SET):
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + pos
+        return self.pos
+
+    def readinto(self, buffer):
+        n = max(0, min(len(buffer), self.size - self.pos))
+        if not n:
+            return 0
+        data = read_range(self.url, self.pos, n)
+        buffer[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def download(url, path):
+    """The object into a local file, under a temporary name renamed when whole."""
+    tmp = Path(f"{path}.part")
+    with open(tmp, "wb") as f:
+        for chunk in chunks(url):
+            f.write(chunk)
+    os.replace(tmp, path)
+
+
+def copy(source, target):
+    """A server-side copy of an object within its bucket: no byte travels through this machine."""
+    import obstore
+
+    _call(source, lambda store, key: obstore.copy(store, key, split(target)[1]))
+
+
+def delete(url):
+    import obstore
+
+    _call(url, lambda store, key: obstore.delete(store, key))
+
+
+def listing(url) -> dict:
+    """{name below url: size} of every object under url/ (paged ListObjectsV2, 1,000 keys a page)."""
+    return {name: meta["size"] for name, meta in objects(url).items()}
+
+
+def objects(url) -> dict:
+    """{name below url: {"size", "etag", "last_modified"}} of every object under url/, as head() gives
+    them, from the same paged listing."""
+    import obstore
+
+    prefix = split(url)[1]
+    prefix = f"{prefix}/" if prefix else ""
+
+    def do(store, key):
+        return {m["path"][len(prefix):]: {"size": m["size"], "etag": m["e_tag"],
+                                          "last_modified": m["last_modified"].isoformat()}
+                for batch in obstore.list(store, prefix or None) for m in batch}
+    return _call(url, do)
+
+
+def listing_level(url) -> tuple[list, dict]:
+    """-> (names of the prefixes directly under url/, {name: size} of the objects directly under it):
+    one level, ListObjectsV2 with the delimiter "/"."""
+    import obstore
+
+    prefix = split(url)[1]
+    prefix = f"{prefix}/" if prefix else ""
+
+    def do(store, key):
+        found = obstore.list_with_delimiter(store, prefix or None)
+        return ([p[len(prefix):].rstrip("/") for p in found["common_prefixes"]],
+                {m["path"][len(prefix):]: m["size"] for m in found["objects"]})
+    return _call(url, do)
