@@ -173,7 +173,7 @@ def training_options(cores) -> list:
 
 
 def training_run(shards, out, flags, steps, batch) -> dict | str:
-    """python -m trainer.run for about `steps` steps of the paper's recipe (whole epochs of the shards),
+    """python -m trainer.run for about `steps` steps of the default recipe (whole epochs of the shards),
     compiled on the GPU as the trainer runs; -> its figures, or why it failed. steady: the last half of
     the epochs without each epoch's first quarter, which follows the val pass and the checkpoint
     (`first_quarter`, apart); img/s, data wait and device wait pooled over those windows' time."""
