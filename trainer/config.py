@@ -46,7 +46,7 @@ class Config:
     hw_decoder_load: float = 0.65  # on CUDA, the share of JPEGs for the hardware decoder (NVJPG engines, off the SMs); the rest nvJPEG's hybrid decode (DALI's default 0.65)
     prefetch_queue_depth: int = 2  # batches each DALI pipeline prepares ahead (DALI's default 2)
     uint8_handover: bool = False  # the train pipeline hands over uint8 crops and each image's mean [B, 3]; the step normalises (Fancy PCA's offset included) and casts: a quarter of the bytes
-    async_checkpoint: bool = True  # write checkpoints in a thread from a copy in host memory, the steps going on (written whole or not at all either way)
+    async_checkpoint: bool = False  # write checkpoints in a thread from a copy in host memory, the steps going on (written whole or not at all either way)
     workers: int = 0  # data-parallel replicas on Ray Train; 0: this process alone (torchrun sets its own)
     cpus_per_worker: int = 0  # CPU cores of a worker (Ray Train, torchrun): its torch and DALI threads; 0: the node's cores divided by its workers (a Ray Train worker then asks Ray for 1)
     address: str = ""  # the Ray cluster for --workers; default $RAY_ADDRESS, else a private Ray on 127.0.0.1
