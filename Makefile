@@ -1,5 +1,5 @@
 # make test: .venv with the project installed, then the whole test suite (what CI runs).
-# make demo: the whole job on scikit-learn's handwritten digits (jobs/demo.sh), 12-17 min on 2 CPU cores.
+# make demo: the whole job on scikit-learn's handwritten digits (jobs/demo.sh), 8 min on 2 CPU cores once the venv is installed.
 # make demo-s3: the same job through a bucket of a SeaweedFS S3 server on 127.0.0.1 (jobs/demo-s3.sh).
 # make gpu-check: on a CUDA machine, the GPU side measured into gpu-check/report.md and .json
 # (trainer/gpu_check.py), with the venv's python if there is one, else $(PYTHON) as it is (a GPU
