@@ -106,13 +106,7 @@ class FolderLock:
         if holder is None:  # released (or half-read) meanwhile: try the link again
             return
         age = os.stat(mine).st_mtime - _mtime(self.path)  # both on the file system's clock
-        reason = _stale(holder, age)
-        who = (f"pid {holder.get('pid')} on {holder.get('host')}, running since {holder.get('since')} "
-               f"({holder.get('command')})")
-        if reason is None:
-            raise LockHeld(f"{self.folder} is in use by {who}; its last heartbeat was {max(age, 0):.0f}s ago. "
-                           f"Wait for it to finish or stop it; a lock whose holder has died is taken over "
-                           f"by the next run ({STALE_S:.0f}s after its last heartbeat at most).")
+        who, reason = _judge(self.folder, holder, age)
         grave = self.folder / f".lock.stale.{self.token}"
         try:
             os.rename(self.path, grave)
@@ -231,16 +225,23 @@ class BucketLock(FolderLock):
         finally:
             storage.delete(probe)
         age = _seconds(now) - _seconds(then)
-        reason = _stale(holder, age)
-        who = (f"pid {holder.get('pid')} on {holder.get('host')}, running since {holder.get('since')} "
-               f"({holder.get('command')})")
-        if reason is None:
-            raise LockHeld(f"{self.folder} is in use by {who}; its last heartbeat was {max(age, 0):.0f}s ago. "
-                           f"Wait for it to finish or stop it; a lock whose holder has died is taken over "
-                           f"by the next run ({STALE_S:.0f}s after its last heartbeat at most).")
+        who, reason = _judge(self.folder, holder, age)
         if self._holder() == holder:
             storage.delete(self.path)
             log.warning("took over %s from %s: %s", self.path, who, reason)
+
+
+def _judge(folder, holder: dict, age: float) -> tuple[str, str]:
+    """-> (who holds the lock, why it may be taken over) where it is stale (age: seconds since its last
+    heartbeat); LockHeld, naming the holder, where it is not."""
+    reason = _stale(holder, age)
+    who = (f"pid {holder.get('pid')} on {holder.get('host')}, running since {holder.get('since')} "
+           f"({holder.get('command')})")
+    if reason is None:
+        raise LockHeld(f"{folder} is in use by {who}; its last heartbeat was {max(age, 0):.0f}s ago. "
+                       f"Wait for it to finish or stop it; a lock whose holder has died is taken over "
+                       f"by the next run ({STALE_S:.0f}s after its last heartbeat at most).")
+    return who, reason
 
 
 def _seconds(iso) -> float:
