@@ -44,33 +44,16 @@ def devkit_beside(view):
     return None
 
 
-class _Window(io.RawIOBase):
+class _Window(storage.Window):
     """The bytes [start, start + size) of an open file, as a file of their own."""
 
     def __init__(self, f, start, size):
-        super().__init__()
-        self.f, self.start, self.size, self.pos = f, start, size, 0
+        super().__init__(size)
+        self.f, self.start = f, start
 
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self.pos
-
-    def seek(self, pos, whence=io.SEEK_SET):
-        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + pos
-        return self.pos
-
-    def readinto(self, buffer):
-        n = max(0, min(len(buffer), self.size - self.pos))
-        self.f.seek(self.start + self.pos)
-        data = self.f.read(n)
-        buffer[:len(data)] = data
-        self.pos += len(data)
-        return len(data)
+    def fetch(self, offset, n):
+        self.f.seek(self.start + offset)
+        return self.f.read(n)
 
 
 def tar_members(path, start=0, size=None, what=None) -> list:

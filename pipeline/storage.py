@@ -170,12 +170,16 @@ def upload(path, url):
     _call(url, lambda store, key: obstore.put(store, key, Path(path), chunk_size=8 << 20))
 
 
-class RangeReader(io.RawIOBase):
-    """An object as a seekable binary file, each read a ranged GET (wrap it in io.BufferedReader)."""
+class Window(io.RawIOBase):
+    """`size` bytes of something, as a seekable binary file: a subclass reads them with fetch(offset, n)
+    (wrap it in io.BufferedReader)."""
 
-    def __init__(self, url):
+    def __init__(self, size):
         super().__init__()
-        self.url, self.size, self.pos = url, head(url)["size"], 0
+        self.size, self.pos = size, 0
+
+    def fetch(self, offset, n) -> bytes:
+        raise NotImplementedError
 
     def readable(self):
         return True
@@ -194,10 +198,21 @@ class RangeReader(io.RawIOBase):
         n = max(0, min(len(buffer), self.size - self.pos))
         if not n:
             return 0
-        data = read_range(self.url, self.pos, n)
+        data = self.fetch(self.pos, n)
         buffer[:len(data)] = data
         self.pos += len(data)
         return len(data)
+
+
+class RangeReader(Window):
+    """An object as a seekable binary file, each read a ranged GET."""
+
+    def __init__(self, url):
+        super().__init__(head(url)["size"])
+        self.url = url
+
+    def fetch(self, offset, n):
+        return read_range(self.url, offset, n)
 
 
 def download(url, path):
