@@ -65,10 +65,13 @@ def worker_pids(log):
 
 
 def kill_worker_mid_epoch(job, log, out, rank=1, after_step=2):
-    """SIGKILL worker `rank` once the checkpoint is at least `after_step` steps into epoch 1; -> its pid."""
+    """SIGKILL worker `rank` once the checkpoint is at least `after_step` steps into epoch 1 and Ray Train's
+    controller has registered a checkpoint (its snapshot written: a worker group that replaces this one gets
+    it; a kill before that starts the run again); -> its pid."""
     def checkpointed():
         assert job.poll() is None, log.read_text()[-3000:]
-        if not (out / "checkpoint.pt").exists():
+        registered = out / "ray-train" / "checkpoint_manager_snapshot.json"
+        if not (out / "checkpoint.pt").exists() or not registered.exists():
             return False
         return torch.load(out / "checkpoint.pt", weights_only=True, mmap=True)["epoch_step"] >= after_step
 
