@@ -1,7 +1,9 @@
 """Data-parallel training: DDP against one process, Ray Train (faults, two nodes), torchrun, on the CPU."""
+import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import BIN, REPO, free_port, numpy_errors, two_node_cluster, wait_for
+from pipeline import storage
 from test_trainer import STABLE, kill_group, losses_by_step, metrics, start, train
+from trainer.bucket import BucketRun
 from trainer.config import Config
 from trainer.loop import Trainer
 
@@ -150,6 +154,44 @@ def test_ray_train_survives_a_killed_worker_and_resumes_exactly(shards, clean, t
     # the planned steps, each once, and the restarted workers took the batches the clean run took
     assert losses_by_step(out) == losses_by_step(clean)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_run_folder_in_a_bucket_under_ray_train_survives_a_killed_worker_then_torchrun_resumes_it(
+        shards, clean, s3, tmp_path, ray_head):
+    """The Ray head started before the bucket's keys were in the environment: the driver hands them on."""
+    out, log = s3.url("runs", "workers"), tmp_path / "workers.log"
+    with open(log, "w") as f:
+        job = subprocess.Popen([sys.executable, "-m", "trainer.run", "--shards", str(shards), "--out", out,
+                                *map(str, NO_TIMED_CHECKPOINTS), "--address", ray_head],
+                               cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:  # a kill in epoch 2, once Ray Train has registered epoch 1's checkpoint (in the bucket)
+        registered = storage.join(out, "ray-train", "checkpoint_manager_snapshot.json")
+        wait_for(lambda: job.poll() is None and "epoch 2 step 2/6" in log.read_text() and storage.exists(registered),
+                 timeout=400, interval=0.5)
+        os.kill(worker_pids(log)[1], signal.SIGKILL)
+        assert job.wait(timeout=600) == 0, log.read_text()[-5000:]
+    finally:
+        kill_group(job)
+    text = log.read_text()
+    assert "restarting from the latest checkpoint after a worker failure" in text
+    assert f"resumed {out} at epoch 2 step 0" in text, text[-3000:]
+    kept = storage.listing(out)
+    assert {"checkpoint.pt", "checkpoint-previous.pt", "config.json", "metrics.jsonl"} <= kept.keys()
+    assert ".lock" not in kept and ".stop" not in kept
+    local = tmp_path / "metrics"
+    local.mkdir()
+    storage.download(storage.join(out, "metrics.jsonl"), local / "metrics.jsonl")
+    assert losses_by_step(local) == losses_by_step(clean)  # the restarted group took the batches of the clean run
+
+    torchrun = [BIN / "torchrun", "--standalone", "--nproc-per-node", 2, "-m", "trainer.run", "--shards", shards,
+                "--out", out, "--epochs", 3, *NO_TIMED_CHECKPOINTS[2:-2], "--resume"]
+    resumed = subprocess.run([*map(str, torchrun)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed {out} at epoch 3 step 0" in resumed.stderr
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(out, "checkpoint.pt"))), weights_only=True)
+    assert state["epoch"] == 3 and state["world_size"] == 2
+    assert not BucketRun(out, rank=1).local.exists()  # the other rank's copy of the checkpoint, once read
+    shutil.rmtree(BucketRun(out).local)  # rank 0's, in this user's cache (the Ray head's workers do not see ours)
 
 
 def stop_after_step(job, log, pid, after=2):

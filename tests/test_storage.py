@@ -131,7 +131,8 @@ def test_the_loader_reads_the_same_batches_from_a_bucket_as_from_a_folder(s3, bu
     assert (cache_folder(url) / "val-000000.tar").read_bytes() == bytes(data)
 
 
-def test_a_run_folder_in_a_bucket_resumes_and_survives_a_damaged_checkpoint(s3, bucket_shards, tmp_path, monkeypatch):
+def test_a_run_folder_in_a_bucket_resumes_and_survives_a_damaged_checkpoint(s3, bucket_shards, tree, tmp_path,
+                                                                            monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the verified sums and the local folder
     out = s3.url("runs", "a")
     steps = ["--batch-size", 4, "--steps-per-epoch", 2, "--log-every", 1, "--no-ten-crop", "--inputs", "standardised",
@@ -159,6 +160,9 @@ def test_a_run_folder_in_a_bucket_resumes_and_survives_a_damaged_checkpoint(s3, 
     evaluated = run("trainer.evaluate", "--checkpoint", storage.join(out, "checkpoint.pt"), "--shards", bucket_shards,
                     "--device", "cpu")
     assert evaluated.returncode == 0 and "top-1 error" in evaluated.stdout, evaluated.stderr[-3000:]
+    image = next((tree / "val").rglob("*.*"))
+    predicted = run("trainer.predict", "--checkpoint", storage.join(out, "checkpoint.pt"), image, "--device", "cpu")
+    assert predicted.returncode == 0 and image.name in predicted.stdout, predicted.stderr[-3000:]
 
 
 def test_a_second_trainer_on_a_bucket_run_folder_is_refused_naming_the_holder(s3, bucket_shards):

@@ -1,8 +1,11 @@
 """A run folder in a bucket: `python -m trainer.run --shards ... --out s3://bucket/runs/a`.
 
-    RUN (s3://)   checkpoint.pt, checkpoint-previous.pt, config.json, metrics.jsonl; .lock while a run holds it
-    LOCAL         ~/.cache/alexnet-pipeline/runs/<bucket>/<prefix>: the folder the trainer works in, as
-                  with any --out; TensorBoard's event files, kernels.png and curves.png stay there
+    RUN (s3://)   checkpoint.pt, checkpoint-previous.pt, config.json, metrics.jsonl; .lock while a run
+                  holds it; ray-train/, Ray Train's own state, with --workers
+    LOCAL         ~/.cache/alexnet-pipeline/runs/<bucket>-<prefix>-<hash>: the folder rank 0 works in, as
+                  with any --out; TensorBoard's event files, kernels.png and curves.png stay there.
+                  Rank r > 0 (--workers, torchrun) reads its checkpoint from a folder of its own beside it,
+                  <...>.rank<r>, removed when the run ends: those ranks write nothing
 
 What a resume needs lives in the bucket; what a person looks at stays where they look, named in the
 log. TensorBoard appends to its event files every few steps, and S3 has no append: each would be a
@@ -12,7 +15,8 @@ Before the run, the bucket's files are copied into LOCAL (a new run starts from 
 each checkpoint and at the end, LOCAL's are PUT back: the previous checkpoint first (a server-side
 copy of the bucket's latest), then the latest, config.json and metrics.jsonl, each whole or not at
 all. A run killed mid-upload leaves the bucket's latest whole (the old one or the new), with the one
-before it behind it, as a folder's checkpoints are. The lock is pipeline.lock's BucketLock.
+before it behind it, as a folder's checkpoints are. The lock is pipeline.lock's BucketLock, held by
+the process that starts the run (trainer/launch.py).
 """
 import hashlib
 import json
@@ -31,22 +35,22 @@ KEPT = (checkpoint.PREVIOUS, checkpoint.CHECKPOINT, "config.json", "metrics.json
 
 
 class BucketRun:
-    def __init__(self, url):
+    def __init__(self, url, rank=0):
         self.url = url.rstrip("/")
         bucket, prefix = storage.split(self.url)
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alexnet-pipeline" / "runs"
         # the URL's hash keeps two runs of the same name in other buckets or endpoints apart
         key = hashlib.sha256(f"{os.environ.get('AWS_ENDPOINT_URL', '')} {self.url}".encode()).hexdigest()[:12]
-        self.local = cache / f"{bucket}-{prefix.replace('/', '-')}-{key}"
+        self.local = cache / f"{bucket}-{prefix.replace('/', '-')}-{key}{f'.rank{rank}' if rank else ''}"
         self.pushed = {}  # {name: (size, mtime_ns)} of what the bucket holds of LOCAL
 
-    def pull(self):
-        """LOCAL as the bucket's run folder: its files copied in, a new run's LOCAL emptied."""
-        there = {name for name in storage.listing(self.url) if name in KEPT}
+    def pull(self, names=KEPT):
+        """LOCAL as the bucket's run folder: its files of `names` copied in, a new run's LOCAL emptied."""
+        there = {name for name in storage.listing(self.url) if name in names}
         if not there and self.local.exists():
             shutil.rmtree(self.local)  # another run's events and pictures under the same name
         self.local.mkdir(parents=True, exist_ok=True)
-        for name in KEPT:
+        for name in names:
             if name in there:
                 storage.download(storage.join(self.url, name), self.local / name)
             else:

@@ -10,24 +10,28 @@
 Each launcher sets up torch.distributed (NCCL on GPUs, gloo on CPUs), picks this process's
 device(s) and calls trainer.loop.train, which knows only its rank and world size. With several
 replicas, --out must be one folder every node sees (rank 0 writes it, every rank reads the
-checkpoint when it resumes), and so must --shards. --shards may be an s3:// URL; --out too, for one
-process (trainer/bucket.py).
+checkpoint when it resumes), and so must --shards; or either an s3:// URL, with any launcher: the
+shards are fetched by each node (pipeline/shard_cache.py), the run folder kept in the bucket
+(trainer/bucket.py), and Ray Train's own state kept there too (RUN/ray-train, its storage_path).
 
 Ray Train: the cluster named by --address / $RAY_ADDRESS, else a private Ray on 127.0.0.1 for this
 run. Rank 0 reports every checkpoint to Ray Train (a pointer to RUN/checkpoint.pt); when a worker
 dies, Ray Train starts the worker group again, up to --max-failures times, and the new workers
 resume from that checkpoint.
 
-The run folder is locked for the run's life (RUN/.lock, pipeline/lock.py): by this process, by the
-Ray Train driver, or by torchrun's rank 0. A second trainer on it is refused, naming the holder.
+The run folder is locked for the run's life (RUN/.lock, pipeline/lock.py; in a bucket, an object made
+by a conditional PUT): by this process, by the Ray Train driver, or by torchrun's rank 0. A second
+trainer on it is refused, naming the holder.
 SIGTERM and SIGINT stop the run with a checkpoint (trainer/stop.py).
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import storage
-from pipeline.lock import BucketLock, FolderLock, LockHeld
+from pipeline.lock import LockHeld, lock_for
 from pipeline.tasks import unreachable
 from trainer import checkpoint
 from trainer.bucket import BucketRun
@@ -49,8 +53,6 @@ log = logging.getLogger("trainer")
 
 def launch(config: Config) -> int:
     """Start the run the way config and the environment ask for; -> exit status."""
-    if storage.is_url(config.out):
-        return in_bucket(config)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return torchrun(config)
     with run_folder(config) as problem:
@@ -61,83 +63,112 @@ def launch(config: Config) -> int:
             return ray_train(config)
         stop = StopRequest()
         stop.install()
-        return train(config, stop=stop)
+        return replica(config, stop=stop)
 
 
 @contextlib.contextmanager
 def run_folder(config: Config):
-    """Hold the run folder's lock for the run's life; yields why the run cannot go ahead there, or None.
-    A folder it made that the run left empty (refused, or stopped before its first file: no Ray cluster
-    at --address, too few CPUs) is removed again."""
-    out = Path(config.out)
-    made = not out.exists()
-    lock = FolderLock(out, " ".join(sys.argv))
-    try:
-        lock.acquire()
-    except LockHeld as e:
-        yield str(e)
-        return
-    except OSError as e:  # a file, a read-only or forbidden place
-        yield f"cannot write into --out {out}: {'it is a file' if out.is_file() else e.strerror or e}"
-        return
-    try:
-        yield refusal(config)
-    finally:
-        lock.release()
-        if made and not any(out.iterdir()):
-            out.rmdir()
-
-
-def in_bucket(config: Config) -> int:
-    """--out s3://: one process trains in a local folder that trainer/bucket.py keeps in the bucket, under
-    the bucket's lock (a conditional PUT); -> exit status."""
-    url = config.out
-    if config.workers or "RANK" in os.environ:
-        log.error("--out %s: a run folder in a bucket is for one process so far; with --workers or torchrun give a "
-                  "folder every node sees", url)
-        return 2
-    lock, run = BucketLock(url, " ".join(sys.argv)), BucketRun(url)
+    """Hold the run folder's lock for the run's life (a folder's or a bucket's); yields why the run cannot
+    go ahead there, or None. A folder it made that the run left empty (refused, or stopped before its
+    first file: no Ray cluster at --address, too few CPUs) is removed again."""
+    out, bucket = config.out, storage.is_url(config.out)
+    made = not bucket and not Path(out).exists()
+    lock = lock_for(out, " ".join(sys.argv))
     try:
         lock.acquire()
     except (LockHeld, storage.StorageError) as e:
-        log.error("%s", e)
-        return 2
+        yield str(e)
+        return
+    except OSError as e:  # a file, a read-only or forbidden place
+        yield f"cannot write into --out {out}: {'it is a file' if Path(out).is_file() else e.strerror or e}"
+        return
     try:
-        run.pull()
-        config.out = str(run.local)
-        log.info("run folder %s, worked in %s: TensorBoard's event files and the pictures stay there "
-                 "(`tensorboard --logdir %s`)", url, run.local, run.local)
-        problem = refusal(config)
+        try:
+            problem = refusal(config)
+        except storage.StorageError as e:
+            problem = str(e)
+        yield problem
+    finally:
+        lock.release()
+        if made and not any(Path(out).iterdir()):
+            Path(out).rmdir()
+
+
+def replica(config: Config, devices=None, on_save=None, stop=None) -> int:
+    """train() in this process, alone or as one of the ranks; -> exit status. With --out s3:// it trains in a
+    local folder that trainer/bucket.py keeps in the bucket: rank 0 copies the run's files in and PUTs its
+    checkpoints back, every other rank copies in the checkpoint it resumes from."""
+    if not storage.is_url(config.out):
+        return train(config, devices, on_save=on_save, stop=stop)
+    url = config.out
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    run = BucketRun(url, rank)
+    try:
+        problem = None
+        if rank == 0:
+            try:
+                pull_run(run, config.resume and world > 1)
+            except (storage.StorageError, checkpoint.CheckpointError) as e:
+                problem = str(e)
+        if world > 1:  # the others copy in what rank 0 resumes from, once it has chosen
+            box = [problem]
+            dist.broadcast_object_list(box, src=0, device=devices[0] if config.device == "cuda" else None)
+            problem = box[0]
+            if not problem and rank and config.resume:
+                run.pull(names=(checkpoint.CHECKPOINT,))
         if problem:
-            log.error("%s", problem.replace(str(run.local), url))
+            if rank == 0:
+                log.error("%s", problem)
             return 2
-        stop = StopRequest()
-        stop.install()
-        status = train(config, on_save=run.push_or_warn, stop=stop)
-        run.push()
+        config.out = str(run.local)
+        if rank == 0:
+            log.info("run folder %s, worked in %s: TensorBoard's event files and the pictures stay there "
+                     "(`tensorboard --logdir %s`)", url, run.local, run.local)
+
+        def saved(trainer):
+            if rank == 0:  # before Ray Train is told of the checkpoint: a restart finds it in the bucket
+                run.push_or_warn()
+            if on_save:
+                on_save(trainer)
+
+        status = train(config, devices, on_save=saved, stop=stop, where=url)
+        if rank == 0:
+            run.push()
         return status
     except storage.StorageError as e:
         log.error("%s; the run's files are in %s: continue with --resume when the bucket answers", e, run.local)
         return 1
     finally:
         config.out = url
-        lock.release()
+        if rank:
+            shutil.rmtree(run.local, ignore_errors=True)  # a copy of the bucket's checkpoint, read
+
+
+def pull_run(run: BucketRun, choose: bool):
+    """Rank 0's copy of the bucket's run folder. choose: other ranks will copy in the latest checkpoint, so
+    a damaged latest is set aside now (as --resume would) and the one before it PUT as the latest."""
+    run.pull()
+    if choose:
+        checkpoint.read_latest(run.local)
+        run.push()
 
 
 def refusal(config: Config) -> str | None:
-    """Why config.out cannot take this run, or None."""
-    out = Path(config.out)
-    kept = checkpoint.checkpoints(out)
+    """Why config.out (a folder, or a bucket's run folder) cannot take this run, or None."""
+    out = config.out
+    kept = [name for name in (checkpoint.CHECKPOINT, checkpoint.PREVIOUS) if _there(out, name) is not None]
     if kept and not config.resume:
         return f"{out} already holds a run: pass --resume to continue it, or choose another --out"
     if config.resume and not kept:
         return f"--resume: {out} has no {checkpoint.CHECKPOINT} to continue from: start the run without --resume"
-    if config.resume and (out / "config.json").exists():
+    text = _there(out, "config.json", read=True) if config.resume else None
+    if text is not None:
         try:
-            saved = json.loads((out / "config.json").read_text())
+            saved = json.loads(text)
         except ValueError as e:
-            return (f"--resume: {out / 'config.json'} is damaged ({e}): delete it to resume with the flags given "
-                    f"(the same --batch-size, --seed, --augment, --inputs, --recipe, --gpus and --shards as before)")
+            return (f"--resume: {storage.join(out, 'config.json')} is damaged ({e}): delete it to resume with the "
+                    f"flags given (the same --batch-size, --seed, --augment, --inputs, --recipe, --gpus and --shards "
+                    f"as before)")
         saved.setdefault("recipe", saved.get("init", config.recipe))  # a run from before the recipes: its init
         # what the saved state depends on; the number of workers may change
         for key in ("batch_size", "seed", "augment", "inputs", "recipe", "gpus_per_worker"):
@@ -148,6 +179,17 @@ def refusal(config: Config) -> str | None:
             return (f"--resume: {out} was trained on --shards {saved['shards']}, not {config.shards}: "
                     f"resume with the same, or start a new --out")
     return None
+
+
+def _there(out, name, read=False):
+    """The run folder's file `name`: its bytes with read, else something not None; None where there is none."""
+    path = storage.join(out, name)
+    try:
+        if storage.is_url(path):
+            return storage.read_bytes(path) if read else storage.head(path)
+        return Path(path).read_bytes() if read else Path(path).stat()
+    except FileNotFoundError:
+        return None
 
 
 def _where(shards) -> str:
@@ -172,7 +214,7 @@ def torchrun(config: Config) -> int:
                 if dist.get_rank() == 0:
                     log.error("%s", box[0])
                 return 2
-            return train(config, devices, stop=stop)
+            return replica(config, devices, stop=stop)
     finally:
         dist.destroy_process_group()
 
@@ -186,18 +228,21 @@ def ray_train(config: Config) -> int:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    # the workers and Ray Train's controller reach a bucket with the driver's endpoint and keys, wherever they run
+    buckets = storage.is_url(config.out) or storage.is_url(config.shards)
+    env = {"env_vars": storage.environment()} if buckets and storage.environment() else None
     if address:
         problem = unreachable(address)
         if problem:
             log.error("%s", problem)
             return 2
         try:
-            ray.init(address=address)
+            ray.init(address=address, runtime_env=env)
         except ConnectionError as e:  # "auto" with no Ray running here
             log.error("%s", e)
             return 2
     else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+        ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", runtime_env=env)
     try:
         have = ray.cluster_resources()
         config.device = config.device or ("cuda" if have.get("GPU") else "cpu")
@@ -210,7 +255,7 @@ def ray_train(config: Config) -> int:
                 log.error("%s: lower --workers or --cpus-per-worker, or name a larger cluster with --address", short)
                 return 2
             log.warning("%s: Ray Train waits until the cluster has grown (an autoscaler adds nodes)", short)
-        out = Path(config.out)
+        out = config.out
         log.info("Ray Train: %d workers with %s each, on %s", config.workers, resources, address or "a private Ray")
         # a signal to this driver reaches the workers as RUN/.stop, which rank 0 watches (trainer/stop.py)
         clear_request(out)
@@ -226,7 +271,7 @@ def ray_train(config: Config) -> int:
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as e:
-            log.error("%s", stopped(e, config, out / checkpoint.CHECKPOINT))
+            log.error("%s", stopped(e, config))
             return 1
         finally:
             clear_request(out)
@@ -255,7 +300,8 @@ def worker(loop_config: dict) -> int:
     stop = StopRequest()
     if context.get_world_rank() == 0:  # no signal handler in a worker's thread: the driver's request file
         stop.watch(config.out)
-    return train(config, devices, on_save=report_checkpoint, stop=stop)  # rank 0's is the run's exit status
+    # rank 0's is the run's exit status
+    return replica(config, devices, on_save=functools.partial(report_checkpoint, out=config.out), stop=stop)
 
 
 def place(config: Config, gpus: list, local_rank: int, local_world: int) -> list:
@@ -282,20 +328,21 @@ def keep_to_cores(local_rank: int, local_world: int, count: int):
             os.sched_setaffinity(int(thread), mine)
 
 
-def report_checkpoint(trainer):
-    """Tell Ray Train of the checkpoint just written: a small folder naming it, from rank 0."""
+def report_checkpoint(trainer, out):
+    """Tell Ray Train of the checkpoint just written into the run folder `out`: a small folder naming it,
+    from rank 0."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as folder:
         pointer = None
         if trainer.ranks.master:
             Path(folder, "checkpoint.json").write_text(json.dumps(
-                {"path": str(trainer.out / checkpoint.CHECKPOINT), "epoch": trainer.epoch, "step": trainer.step}))
+                {"path": storage.join(out, checkpoint.CHECKPOINT), "epoch": trainer.epoch, "step": trainer.step}))
             pointer = ray.train.Checkpoint.from_directory(folder)
         ray.train.report({"epoch": trainer.epoch, "step": trainer.step}, checkpoint=pointer)
 
 
-def stopped(error, config: Config, latest: Path) -> str:
+def stopped(error, config: Config) -> str:
     """What to say when Ray Train gives up: which worker died, and where to resume from."""
     failures = getattr(error, "worker_failures", {}) or {}
     said = []
@@ -306,7 +353,8 @@ def stopped(error, config: Config, latest: Path) -> str:
         reason = "its process died" if "actor died" in text.lower() else text.strip().splitlines()[-1]
         said.append(f"worker {rank}{where}: {reason}")
     who = "; ".join(said) or str(error).strip().splitlines()[-1]
-    if latest.exists():
+    latest = storage.join(config.out, checkpoint.CHECKPOINT)
+    if _there(config.out, checkpoint.CHECKPOINT) is not None:
         try:
             state = checkpoint.read(latest)
             resume = (f"the latest checkpoint is {latest} (epoch {state['epoch'] + 1}, step {state['epoch_step']} "

@@ -412,12 +412,14 @@ class Trainer:
         return self.stop.exit_status if self.stop.asked else 128 + signal.SIGTERM
 
 
-def train(config: Config, devices=None, on_save=None, stop=None) -> int:
+def train(config: Config, devices=None, on_save=None, stop=None, where=None) -> int:
     """Train in this process, alone or as one replica of several (the launcher has set up
-    torch.distributed and holds the run folder's lock); -> exit status. devices, on_save, stop: as for Trainer."""
+    torch.distributed and holds the run folder's lock); -> exit status. devices, on_save, stop: as for Trainer;
+    where: the run folder as the log names it, where config.out is a local copy of it (a bucket's)."""
     from pipeline.manifest import ShardDirError
 
     out = Path(config.out)
+    where = where or out
     try:
         trainer = Trainer(config, devices, on_save, stop)  # the loaders refuse shards that do not match their manifest
     except (ShardDirError, checkpoint.CheckpointError, ImportError, ConnectionError) as e:  # ImportError: DALI's;
@@ -426,9 +428,9 @@ def train(config: Config, devices=None, on_save=None, stop=None) -> int:
         return 2
     if config.resume:
         if trainer.epoch >= config.epochs:
-            log.info("%s has already trained %d epochs (--epochs %d): nothing to do", out, trainer.epoch, config.epochs)
+            log.info("%s has already trained %d epochs (--epochs %d): nothing to do", where, trainer.epoch, config.epochs)
             return 0
-        log.info("resumed %s at epoch %d step %d", out, trainer.epoch + 1, trainer.epoch_step)
+        log.info("resumed %s at epoch %d step %d", where, trainer.epoch + 1, trainer.epoch_step)
     if trainer.ranks.master:
         write_config(config)
     try:
@@ -436,7 +438,10 @@ def train(config: Config, devices=None, on_save=None, stop=None) -> int:
     except (FloatingPointError, checkpoint.CheckpointError) as e:
         log.error("%s", e)
         return 1
-    if status == 0:
+    if status == 0 and where == out:
         log.info("run folder: %s (metrics.jsonl, checkpoint.pt, kernels.png, curves.png); "
                  "watch it with `tensorboard --logdir %s`", out, out.parent)
+    elif status == 0:
+        log.info("run folder: %s (metrics.jsonl, checkpoint.pt); kernels.png, curves.png and TensorBoard's events in "
+                 "%s: watch it with `tensorboard --logdir %s`", where, out, out.parent)
     return status

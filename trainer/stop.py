@@ -9,7 +9,7 @@ and a terminal's Ctrl-C or SLURM's scancel reach every process of the job as wel
 
 Under Ray Train the training function runs in a thread of a Ray worker, where no signal handler
 can be set: the driver (`python -m trainer.run --workers N`) takes the signal and writes
-RUN/.stop, which rank 0 watches for.
+RUN/.stop, which rank 0 watches for (an object, where RUN is a bucket's run folder: one GET a second).
 """
 import logging
 import os
@@ -18,11 +18,13 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline import storage
+
 log = logging.getLogger("trainer")
 
 ECHO_S = 2.0
 STOP_FILE = ".stop"
-WATCH_S = 1.0  # how often rank 0 looks for RUN/.stop: one stat a second
+WATCH_S = 1.0  # how often rank 0 looks for RUN/.stop: one stat (or GET) a second
 
 
 class StopRequest:
@@ -58,13 +60,18 @@ class StopRequest:
             signal.signal(signum, handler)
 
     def watch(self, out):
-        """A daemon thread that asks once RUN/.stop appears (written by request_file)."""
-        path = Path(out) / STOP_FILE
+        """A daemon thread that asks once RUN/.stop appears (written by request_file); RUN a folder or a
+        bucket's run folder."""
+        path = storage.join(out, STOP_FILE)
 
         def poll():
             while not self.asked:
-                if path.exists():
-                    self.ask(int(path.read_text().strip() or signal.SIGTERM))
+                try:
+                    text = storage.read_bytes(path) if storage.is_url(path) else Path(path).read_bytes()
+                except (FileNotFoundError, storage.StorageError):  # none yet, or a bucket that does not answer now
+                    text = None
+                if text is not None:
+                    self.ask(int(text.strip() or signal.SIGTERM))
                     return
                 time.sleep(WATCH_S)
 
@@ -76,9 +83,18 @@ class StopRequest:
 
 
 def request_file(out, signum):
-    """Ask the run writing `out` to stop (the Ray Train driver does, for its workers)."""
-    Path(out, STOP_FILE).write_text(f"{int(signum)}\n")
+    """Ask the run writing `out` (a folder or a bucket's run folder) to stop (the Ray Train driver does, for
+    its workers)."""
+    path, text = storage.join(out, STOP_FILE), f"{int(signum)}\n".encode()
+    if storage.is_url(path):
+        storage.write_bytes(path, text)
+    else:
+        Path(path).write_bytes(text)
 
 
 def clear_request(out):
-    Path(out, STOP_FILE).unlink(missing_ok=True)
+    path = storage.join(out, STOP_FILE)
+    if not storage.is_url(path):
+        Path(path).unlink(missing_ok=True)
+    elif storage.exists(path):
+        storage.delete(path)
