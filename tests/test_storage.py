@@ -50,9 +50,14 @@ def copy_shards(bucket_shards, url):
     return url
 
 
+def environ(env=None):
+    """This process's environment with `env` over it; a name given None is dropped."""
+    return {name: value for name, value in {**os.environ, **(env or {})}.items() if value is not None}
+
+
 def run(module, *args, env=None):
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
+                          timeout=300, env=environ(env))
 
 
 def test_objects_round_trip(s3):
@@ -315,6 +320,28 @@ def test_wrong_credentials_and_a_silent_server_are_one_line(bucket_shards, tree,
     written = subprocess.run([sys.executable, "jobs/preprocess.py", "--src", str(tree), "--out", storage.join(
         bucket_shards, "never")], cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
     assert written.returncode == 1 and said in written.stderr and "Traceback" not in written.stderr
+
+
+def test_a_profile_of_aws_config_reaches_the_bucket_and_a_wrong_one_is_named(s3, bucket_shards, tmp_path):
+    aws = tmp_path / ".aws"
+    aws.mkdir()
+    (aws / "credentials").write_text(f"[tests]\naws_access_key_id = {s3.key}\naws_secret_access_key = {s3.secret}\n"
+                                     f"[wrong]\naws_access_key_id = {s3.key}\naws_secret_access_key = wrong\n")
+    (aws / "config").write_text(f"[profile tests]\nendpoint_url = {s3.endpoint}\nregion = us-east-1\n"
+                                f"[profile wrong]\nservices = here\n"  # the endpoint from a services section
+                                f"[services here]\ns3 =\n  endpoint_url = {s3.endpoint}\n")
+    profile = {**{name: None for name in os.environ if name.startswith("AWS_")}, "HOME": str(tmp_path)}
+    checked = run("pipeline.verify", bucket_shards, env={**profile, "AWS_PROFILE": "tests"})
+    assert checked.returncode == 0 and "verify: ok: 24 train and 9 val samples" in checked.stdout, checked.stderr
+    wrong = run("pipeline.verify", bucket_shards, env={**profile, "AWS_PROFILE": "wrong"})
+    said = f"access denied by {s3.endpoint}: check the profile wrong in ~/.aws/credentials and the bucket's policy"
+    assert wrong.returncode == 1 and said in wrong.stderr and "Traceback" not in wrong.stderr, wrong.stderr
+
+    imports = "import sys; from pipeline import storage; storage.listing(sys.argv[1]); print('boto3' in sys.modules)"
+    for env, boto3 in (({**profile, "AWS_PROFILE": "tests"}, "True"), ({}, "False")):  # keys exported: no boto3
+        listed = subprocess.run([sys.executable, "-c", imports, bucket_shards], cwd=REPO, capture_output=True,
+                                text=True, timeout=60, env=environ(env))
+        assert listed.stdout.strip() == boto3, listed.stderr
 
 
 def test_a_missing_bucket_is_named(s3, tree):
