@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -227,6 +228,30 @@ def test_images_in_a_bucket_give_the_shards_a_folder_gives(s3, form, tmp_path):
     assert from_bucket["splits"] == from_folder["splits"] and from_bucket["totals"] == from_folder["totals"]
     assert files(tmp_path / "bucket") == {**files(tmp_path / "folder"),
                                           "manifest.json": (tmp_path / "bucket" / "manifest.json").read_bytes()}
+
+
+def test_val_labels_in_a_bucket_give_the_shards_the_local_file_gives(s3, tmp_path):
+    from pipeline import miniature
+    from pipeline.imagenet import DEVKIT
+    from pipeline.preprocess import JobFailed, Settings, run as preprocess_run
+
+    miniature.write(tmp_path / "src", "tree", 5, 0.004)  # a flat val/, its devkit beside it: moved out
+    devkit = (tmp_path / "src" / f"{DEVKIT}.tar.gz").rename(tmp_path / f"{DEVKIT}.tar.gz")
+    with tarfile.open(devkit) as tar:
+        tar.extractall(tmp_path / "extracted", filter="data")
+    storage.upload(devkit, s3.url("labels", devkit.name))
+    put_tree(tmp_path / "extracted", s3.url("labels", "extracted"))  # the folder form: every object under it
+    local = preprocess_run(tmp_path / "src", tmp_path / "local", Settings(shard_size=10), val_labels=devkit,
+                           processes=2)
+    for name in (devkit.name, "extracted"):
+        url = s3.url("labels", name)
+        out = tmp_path / f"from-{name}"
+        manifest = preprocess_run(tmp_path / "src", out, Settings(shard_size=10), val_labels=url, processes=2)
+        assert manifest["settings"]["val_labels"] == url and manifest["splits"] == local["splits"]
+        assert files(out) == {**files(tmp_path / "local"), "manifest.json": (out / "manifest.json").read_bytes()}
+    with pytest.raises(JobFailed, match=r"^--val-labels s3://alexnet/labels/none does not exist: give the devkit"):
+        preprocess_run(tmp_path / "src", tmp_path / "none", Settings(shard_size=10),
+                       val_labels=s3.url("labels", "none"), processes=2)
 
 
 class SlowDown:
