@@ -53,9 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--src", required=True, help="ImageNet's archives, Kaggle's copy, or a tree train/<class>/<file> "
                                                 "with val/<class>/<file> or a flat val/ (see above)")
     p.add_argument("--out", required=True, help="output folder or s3:// URL for shards, manifest, pca.json, rejects")
-    p.add_argument("--val-labels", help="labels of a flat val: the devkit (ILSVRC2012_devkit_t12.tar.gz or its folder), "
-                                        "Kaggle's LOC_val_solution.csv, or lines '<file> <class>' (default: the "
-                                        "devkit or Kaggle's CSV in --src)")
+    p.add_argument("--val-labels", help="labels of a flat val, a file, folder or s3:// URL: the devkit "
+                                        "(ILSVRC2012_devkit_t12.tar.gz or its folder), Kaggle's LOC_val_solution.csv, "
+                                        "or lines '<file> <class>' (default: the devkit or Kaggle's CSV in --src)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="a tree without val/: hold out this share of every class of train/ as val (seeded)")
     p.add_argument("--size", type=int, default=defaults["size"], help="output side in pixels")

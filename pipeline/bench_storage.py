@@ -225,7 +225,7 @@ def main(argv=None):
                                 formatter_class=HelpFormatter)
     p.add_argument("url", help="s3://bucket/prefix to use (AWS_ENDPOINT_URL and credentials from the environment)")
     p.add_argument("--libraries", action=argparse.BooleanOptionalAction, default=False,
-                   help="boto3, obstore and pyarrow.fs side by side (needs boto3: .[bench-storage])")
+                   help="boto3, obstore and pyarrow.fs side by side")
     p.add_argument("--keys", type=int, default=5000, help="--libraries: objects to list")
     p.add_argument("--reads", type=int, default=300, help="--libraries: ranged GETs")
     p.add_argument("--write-mb", type=int, default=128, help="--libraries: size of the multipart write")

@@ -19,10 +19,12 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 from pathlib import Path
 
 from pipeline import storage
 from pipeline.manifest import write_json
+from pipeline.source import local_copy
 from pipeline.tasks import JobFailed, parallel
 
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12"
@@ -180,7 +182,18 @@ def _hide(name, path, hidden):
 def read_labels(path, val_files) -> tuple[dict, dict]:
     """-> ({file of val: wnid}, {wnid: words}) from `path` in any of LABEL_FORMS; val_files are val's
     file names, sorted (the devkit's ground truth is in that order). JobFailed, one line, for a file
-    that is none of them or does not fit val."""
+    that is none of them or does not fit val. An s3:// URL is copied first: the object, or every object
+    under it (the devkit's folder)."""
+    if storage.is_url(path):
+        with tempfile.TemporaryDirectory(prefix="val-labels-") as folder:
+            try:
+                copy = local_copy(path, folder)
+            except FileNotFoundError:
+                raise JobFailed(f"--val-labels {path} does not exist: give {LABEL_FORMS}") from None
+            try:
+                return read_labels(copy, val_files)
+            except JobFailed as e:  # said of the URL given, not of its copy
+                raise JobFailed(str(e).replace(str(copy), str(path))) from None
     path = Path(path)
     if not path.exists():
         raise JobFailed(f"--val-labels {path} does not exist: give {LABEL_FORMS}")

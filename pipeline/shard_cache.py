@@ -32,7 +32,7 @@ RECORD = ".objects.json"  # {name: {"size", "etag"}} of the copies
 
 def cache_folder(url) -> Path:
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alexnet-pipeline" / "shards"
-    key = hashlib.sha256(f"{os.environ.get('AWS_ENDPOINT_URL', '')} {url}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{storage.endpoint() or ''} {url}".encode()).hexdigest()[:16]
     return root / key
 
 

@@ -97,10 +97,8 @@ class Bucket:
         that lives as long as this Bucket, under the same name."""
         if self._copies is None:
             self._copies = tempfile.TemporaryDirectory(prefix="bucket-src-")
-        for key in [rel] if self.is_file(rel) else [k for k in self.keys if k.startswith(f"{rel}/")]:
-            path = Path(self._copies.name, key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            storage.download(storage.join(self.src, key), path)
+        fetch(self.src, [rel] if self.is_file(rel) else [k for k in self.keys if k.startswith(f"{rel}/")],
+              self._copies.name)
         return Path(self._copies.name, rel)
 
     def listing(self, rel, hidden):
@@ -129,3 +127,27 @@ def listing(url) -> dict:
         for rel, objects in zip(level, pool.map(lambda rel: storage.listing(storage.join(url, rel.rstrip("/"))), level)):
             found.update({f"{rel}{name}": size for name, size in objects.items()})
     return found
+
+
+def fetch(url, keys, folder):
+    """Each object url/key into folder/key, its folders made."""
+    for key in keys:
+        path = Path(folder, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        storage.download(storage.join(url, key), path)
+
+
+def local_copy(url, folder) -> Path:
+    """A copy of the object at `url`, or of every object under url/ (a folder, as extracted), in `folder`
+    under the URL's last name; FileNotFoundError if there is neither. A HEAD, then a listing of url/ alone:
+    a file at the bucket's root beside 1.33 M images lists nothing else."""
+    base, _, name = str(url).rstrip("/").rpartition("/")
+    try:
+        storage.head(url)
+        keys = [name]
+    except FileNotFoundError:
+        keys = [f"{name}/{rel}" for rel in storage.listing(url)]
+        if not keys:
+            raise FileNotFoundError(f"{url} does not exist") from None
+    fetch(base, keys, folder)
+    return Path(folder, name)

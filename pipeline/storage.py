@@ -4,11 +4,14 @@
     storage.is_url("s3://imagenet/shards")            # True; a plain path is a folder as before
     storage.head("s3://imagenet/shards/train-000000.tar")   # {"size", "etag", "last_modified"}
 
-Credentials, region and endpoint follow the AWS conventions, read from the environment by obstore:
-AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN), AWS_REGION, and AWS_ENDPOINT_URL for a
-server other than AWS (MinIO, Ceph, SeaweedFS, GCS's S3 API); an http:// endpoint is allowed. Without
-keys in the environment, obstore asks the instance's metadata service (EC2, EKS). Profiles of
-~/.aws/config are not read. The loader's shards are fetched through this module too, whole
+Credentials, region and endpoint follow the AWS conventions, with no flags of ours. With
+AWS_ACCESS_KEY_ID in the environment, obstore reads them there: AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN),
+AWS_REGION, and AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for a server other than AWS (MinIO, Ceph,
+SeaweedFS, GCS's S3 API); an http:// endpoint is allowed; boto3 is not imported. Without it, botocore
+resolves them once a process as the AWS CLI does: AWS_PROFILE (else the default profile) in
+~/.aws/credentials and ~/.aws/config, its `endpoint_url` or `services` section, SSO, assume-role,
+credential_process, web identity, the instance's role; obstore's Boto3CredentialProvider hands the
+keys over and refreshes them. The loader's shards are fetched through this module too, whole
 (pipeline.shard_cache): DALI reading s3:// itself fetched a sample at a time.
 
 Why obstore (python -m pipeline.bench_storage, docs/object-storage.md): on a SeaweedFS on loopback it
@@ -58,16 +61,63 @@ def split(url) -> tuple[str, str]:
 
 
 @functools.cache
-def _store(bucket, pid, endpoint):
-    """One client a bucket, process and endpoint: obstore's runtime does not survive a fork (pid in the key)."""
+def _store(bucket, pid, endpoint, region, provider):
+    """One client a bucket, process and access: obstore's runtime does not survive a fork (pid in the key)."""
     from obstore.store import S3Store
 
-    return S3Store(bucket, endpoint=endpoint,
+    return S3Store(bucket, endpoint=endpoint, credential_provider=provider, **({"region": region} if region else {}),
                    client_options={"allow_http": bool(endpoint and endpoint.startswith("http://")),
                                    "connect_timeout": f"{CONNECT_S}s"},
                    retry_config={"max_retries": RETRIES, "retry_timeout": datetime.timedelta(seconds=RETRY_S),
                                  "backoff": {"init_backoff": datetime.timedelta(milliseconds=100),
                                              "max_backoff": datetime.timedelta(seconds=10), "base": 2}})
+
+
+def _access() -> dict:
+    """How this process reaches S3: {"endpoint": URL, None for AWS's own; "region" and "provider", None
+    where obstore reads the environment; "check": what to check when access is denied}."""
+    if "AWS_ACCESS_KEY_ID" in os.environ:
+        return {"endpoint": os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+                "region": None, "provider": None, "check": "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"}
+    import botocore.exceptions
+
+    try:
+        return _profile(os.getpid())
+    except botocore.exceptions.BotoCoreError as e:  # a profile that is not there, a config that does not parse
+        raise StorageError(f"the AWS configuration does not read: {str(e).rstrip('.')}: check AWS_PROFILE, "
+                           f"~/.aws/config and ~/.aws/credentials") from None
+
+
+@functools.cache
+def _profile(pid) -> dict:
+    """_access() through botocore's chain, once a process (pid: its sessions are not shared across a fork)."""
+    import boto3
+    import botocore.config
+    import botocore.session
+    from obstore.auth.boto3 import Boto3CredentialProvider
+
+    core = botocore.session.Session()  # its config variables name the files read
+    session = boto3.Session(botocore_session=core)
+    # the endpoint a client resolves (AWS_ENDPOINT_URL(_S3), the profile's, its services section's), against
+    # the one it resolves ignoring those: AWS's own, which obstore finds by the region itself
+    configured = session.client("s3").meta.endpoint_url
+    aws = session.client("s3", config=botocore.config.Config(ignore_configured_endpoint_urls=True)).meta.endpoint_url
+    credentials = session.get_credentials()
+    if credentials is None:
+        raise StorageError(f"no AWS credentials: none in the environment, the profile {session.profile_name} or "
+                           f"the instance's metadata; export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or set "
+                           f"AWS_PROFILE to a profile of ~/.aws/credentials")
+    files = {"shared-credentials-file": "credentials_file", "config-file": "config_file"}
+    if credentials.method in files:
+        check = f"the profile {session.profile_name} in {core.get_config_variable(files[credentials.method])}"
+    elif credentials.method in ("iam-role", "container-role"):
+        check = f"this machine's role ({credentials.method})"
+    else:
+        check = (f"the profile {session.profile_name} in {core.get_config_variable('config_file')} "
+                 f"({credentials.method})")
+    return {"endpoint": configured if configured != aws else None,
+            "region": os.environ.get("AWS_REGION") or session.region_name,
+            "provider": Boto3CredentialProvider(session), "check": check}
 
 
 def _call(url, do):
@@ -76,8 +126,9 @@ def _call(url, do):
     import obstore.exceptions as oe
 
     bucket, key = split(url)
+    access = _access()
     try:
-        return do(_store(bucket, os.getpid(), os.environ.get("AWS_ENDPOINT_URL")), key)
+        return do(_store(bucket, os.getpid(), access["endpoint"], access["region"], access["provider"]), key)
     except (FileNotFoundError, oe.NotFoundError) as e:
         if "NoSuchBucket" in str(e):
             raise StorageError(f"{url}: the bucket {bucket} does not exist (endpoint {_endpoint()})") from None
@@ -85,8 +136,8 @@ def _call(url, do):
     except oe.AlreadyExistsError:
         raise FileExistsError(f"{url} exists") from None
     except (oe.PermissionDeniedError, oe.UnauthenticatedError):
-        raise StorageError(f"{url}: access denied by {_endpoint()}: check AWS_ACCESS_KEY_ID, "
-                           f"AWS_SECRET_ACCESS_KEY and the bucket's policy") from None
+        raise StorageError(f"{url}: access denied by {_endpoint()}: check {access['check']} and the bucket's "
+                           f"policy") from None
     except (oe.BaseError, OSError) as e:
         if "NoSuchBucket" in str(e):
             raise StorageError(f"{url}: the bucket {bucket} does not exist (endpoint {_endpoint()})") from None
@@ -94,13 +145,18 @@ def _call(url, do):
 
 
 def environment() -> dict:
-    """The AWS_* variables of this process (endpoint, keys, region): what a Ray task elsewhere needs to
-    reach the same bucket as its driver."""
+    """The AWS_* variables of this process (endpoint, keys, region, AWS_PROFILE): what a Ray task elsewhere
+    needs to reach the same bucket as its driver (a profile is read from that node's ~/.aws)."""
     return {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
 
 
+def endpoint() -> str | None:
+    """The S3 endpoint this process uses; None for AWS's own."""
+    return _access()["endpoint"]
+
+
 def _endpoint() -> str:
-    return os.environ.get("AWS_ENDPOINT_URL") or "AWS S3 (AWS_ENDPOINT_URL unset)"
+    return endpoint() or "AWS S3 (no endpoint configured)"
 
 
 def _reason(e) -> str:

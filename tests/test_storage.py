@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -50,9 +51,14 @@ def copy_shards(bucket_shards, url):
     return url
 
 
+def environ(env=None):
+    """This process's environment with `env` over it; a name given None is dropped."""
+    return {name: value for name, value in {**os.environ, **(env or {})}.items() if value is not None}
+
+
 def run(module, *args, env=None):
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
+                          timeout=300, env=environ(env))
 
 
 def test_objects_round_trip(s3):
@@ -228,6 +234,30 @@ def test_images_in_a_bucket_give_the_shards_a_folder_gives(s3, form, tmp_path):
                                           "manifest.json": (tmp_path / "bucket" / "manifest.json").read_bytes()}
 
 
+def test_val_labels_in_a_bucket_give_the_shards_the_local_file_gives(s3, tmp_path):
+    from pipeline import miniature
+    from pipeline.imagenet import DEVKIT
+    from pipeline.preprocess import JobFailed, Settings, run as preprocess_run
+
+    miniature.write(tmp_path / "src", "tree", 5, 0.004)  # a flat val/, its devkit beside it: moved out
+    devkit = (tmp_path / "src" / f"{DEVKIT}.tar.gz").rename(tmp_path / f"{DEVKIT}.tar.gz")
+    with tarfile.open(devkit) as tar:
+        tar.extractall(tmp_path / "extracted", filter="data")
+    storage.upload(devkit, s3.url("labels", devkit.name))
+    put_tree(tmp_path / "extracted", s3.url("labels", "extracted"))  # the folder form: every object under it
+    local = preprocess_run(tmp_path / "src", tmp_path / "local", Settings(shard_size=10), val_labels=devkit,
+                           processes=2)
+    for name in (devkit.name, "extracted"):
+        url = s3.url("labels", name)
+        out = tmp_path / f"from-{name}"
+        manifest = preprocess_run(tmp_path / "src", out, Settings(shard_size=10), val_labels=url, processes=2)
+        assert manifest["settings"]["val_labels"] == url and manifest["splits"] == local["splits"]
+        assert files(out) == {**files(tmp_path / "local"), "manifest.json": (out / "manifest.json").read_bytes()}
+    with pytest.raises(JobFailed, match=r"^--val-labels s3://alexnet/labels/none does not exist: give the devkit"):
+        preprocess_run(tmp_path / "src", tmp_path / "none", Settings(shard_size=10),
+                       val_labels=s3.url("labels", "none"), processes=2)
+
+
 class SlowDown:
     """A proxy on 127.0.0.1 in front of the S3 server that answers every distinct request (method, path,
     query, range) with 503 SlowDown the first time, and forwards it the next: throttling, as S3 does
@@ -319,6 +349,28 @@ def test_wrong_credentials_and_a_silent_server_are_one_line(bucket_shards, tree,
     written = subprocess.run([sys.executable, "jobs/preprocess.py", "--src", str(tree), "--out", storage.join(
         bucket_shards, "never")], cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
     assert written.returncode == 1 and said in written.stderr and "Traceback" not in written.stderr
+
+
+def test_a_profile_of_aws_config_reaches_the_bucket_and_a_wrong_one_is_named(s3, bucket_shards, tmp_path):
+    aws = tmp_path / ".aws"
+    aws.mkdir()
+    (aws / "credentials").write_text(f"[tests]\naws_access_key_id = {s3.key}\naws_secret_access_key = {s3.secret}\n"
+                                     f"[wrong]\naws_access_key_id = {s3.key}\naws_secret_access_key = wrong\n")
+    (aws / "config").write_text(f"[profile tests]\nendpoint_url = {s3.endpoint}\nregion = us-east-1\n"
+                                f"[profile wrong]\nservices = here\n"  # the endpoint from a services section
+                                f"[services here]\ns3 =\n  endpoint_url = {s3.endpoint}\n")
+    profile = {**{name: None for name in os.environ if name.startswith("AWS_")}, "HOME": str(tmp_path)}
+    checked = run("pipeline.verify", bucket_shards, env={**profile, "AWS_PROFILE": "tests"})
+    assert checked.returncode == 0 and "verify: ok: 24 train and 9 val samples" in checked.stdout, checked.stderr
+    wrong = run("pipeline.verify", bucket_shards, env={**profile, "AWS_PROFILE": "wrong"})
+    said = f"access denied by {s3.endpoint}: check the profile wrong in ~/.aws/credentials and the bucket's policy"
+    assert wrong.returncode == 1 and said in wrong.stderr and "Traceback" not in wrong.stderr, wrong.stderr
+
+    imports = "import sys; from pipeline import storage; storage.listing(sys.argv[1]); print('boto3' in sys.modules)"
+    for env, boto3 in (({**profile, "AWS_PROFILE": "tests"}, "True"), ({}, "False")):  # keys exported: no boto3
+        listed = subprocess.run([sys.executable, "-c", imports, bucket_shards], cwd=REPO, capture_output=True,
+                                text=True, timeout=60, env=environ(env))
+        assert listed.stdout.strip() == boto3, listed.stderr
 
 
 def test_a_missing_bucket_is_named(s3, tree):
