@@ -40,7 +40,7 @@ class BucketRun:
         bucket, prefix = storage.split(self.url)
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alexnet-pipeline" / "runs"
         # the URL's hash keeps two runs of the same name in other buckets or endpoints apart
-        key = hashlib.sha256(f"{os.environ.get('AWS_ENDPOINT_URL', '')} {self.url}".encode()).hexdigest()[:12]
+        key = hashlib.sha256(f"{storage.endpoint() or ''} {self.url}".encode()).hexdigest()[:12]
         self.local = cache / f"{bucket}-{prefix.replace('/', '-')}-{key}{f'.rank{rank}' if rank else ''}"
         self.pushed = {}  # {name: (size, mtime_ns)} of what the bucket holds of LOCAL
 

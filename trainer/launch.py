@@ -260,12 +260,18 @@ def ray_train(config: Config) -> int:
         # a signal to this driver reaches the workers as RUN/.stop, which rank 0 watches (trainer/stop.py)
         clear_request(out)
         StopRequest().install(on_first=lambda signum: request_file(out, signum))
+        storage_path, filesystem = str(out), None
+        if storage.is_url(out) and storage.endpoint():  # pyarrow's S3 would not find a profile's endpoint_url
+            import pyarrow.fs
+
+            storage_path, filesystem = out[len(storage.SCHEME):].rstrip("/"), pyarrow.fs.S3FileSystem(
+                endpoint_override=storage.endpoint())
         trainer = TorchTrainer(
             worker, train_loop_config={"config": dataclasses.asdict(config)},
             scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=gpu,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(
-                name="ray-train", storage_path=str(out),
+                name="ray-train", storage_path=storage_path, storage_filesystem=filesystem,
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
         try:
