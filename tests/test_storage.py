@@ -171,6 +171,19 @@ def test_a_run_folder_in_a_bucket_resumes_and_survives_a_damaged_checkpoint(s3, 
     assert predicted.returncode == 0 and image.name in predicted.stdout, predicted.stderr[-3000:]
 
 
+def test_a_stop_request_reaches_rank_0_through_the_bucket(s3):
+    """The Ray Train driver's request to its workers, where the run folder is a bucket's."""
+    from trainer.stop import StopRequest, clear_request, request_file
+
+    out, stop = s3.url("runs", "stopped"), StopRequest()
+    stop.watch(out)
+    request_file(out, signal.SIGINT)
+    wait_for(lambda: stop.asked, timeout=30)
+    assert stop.signal == signal.SIGINT
+    clear_request(out)
+    assert not storage.exists(storage.join(out, ".stop"))
+
+
 def test_a_second_trainer_on_a_bucket_run_folder_is_refused_naming_the_holder(s3, bucket_shards):
     out = s3.url("runs", "held")
     holder = {"host": "elsewhere", "pid": 9, "token": "t", "since": "then", "command": "trainer on elsewhere"}
