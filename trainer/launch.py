@@ -110,14 +110,19 @@ def replica(config: Config, devices=None, on_save=None, stop=None) -> int:
                 pull_run(run, config.resume and world > 1)
             except (storage.StorageError, checkpoint.CheckpointError) as e:
                 problem = str(e)
-        if world > 1:  # the others copy in what rank 0 resumes from, once it has chosen
-            box = [problem]
-            dist.broadcast_object_list(box, src=0, device=devices[0] if config.device == "cuda" else None)
-            problem = box[0]
-            if not problem and rank and config.resume:
-                run.pull(names=(checkpoint.CHECKPOINT,))
-        if problem:
-            if rank == 0:
+        said = [problem]
+        if world > 1:  # the others copy in what rank 0 resumes from, once it has chosen; any failure stops all
+            device = devices[0] if config.device == "cuda" else None
+            dist.broadcast_object_list(said, src=0, device=device)
+            if rank and not said[0] and config.resume:
+                try:
+                    run.pull(names=(checkpoint.CHECKPOINT,))
+                except storage.StorageError as e:
+                    problem = str(e)
+            said = [None] * world
+            dist.all_gather_object(said, problem)
+        if any(said):
+            if problem:
                 log.error("%s", problem)
             return 2
         config.out = str(run.local)

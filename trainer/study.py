@@ -76,7 +76,8 @@ def table(rows) -> str:
     for r in rows:
         predicted = "-" if r["top1"] is None else f"{r['classes_predicted']} of {r['classes']}"
         top1 = "-" if r["top1"] is None else f"{100 * r['top1']:.1f}%"
-        lines.append(f"| {r['recipe']} | {r['h2']:,.0f} | {r['alike']:.4f} | {r['max_loss']:.3g} | "
+        h2 = f"{r['h2']:,.0f}" if r["h2"] >= 100 else f"{r['h2']:.3g}"  # torch's init: 0.206, not "0"
+        lines.append(f"| {r['recipe']} | {h2} | {r['alike']:.4f} | {r['max_loss']:.3g} | "
                      f"{r['end_loss']:.4g} (chance {r['chance_loss']:.2f}) after {r['steps']} steps | {predicted} | "
                      f"{top1} | {r['collapse'] or 'no'} |")
     return "\n".join(lines)
