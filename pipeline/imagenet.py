@@ -104,7 +104,7 @@ def _open(path):
 def _cached(cache, stamp):
     """The members kept in `cache` if it was written for `stamp`, else None."""
     try:
-        kept = json.loads(storage.read_bytes(cache) if storage.is_url(cache) else Path(cache).read_bytes())
+        kept = json.loads(storage.read(cache))
     except (OSError, ValueError):
         return None
     return kept["members"] if kept.get("stamp") == stamp else None

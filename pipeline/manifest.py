@@ -80,10 +80,7 @@ def _read_json(shards, name) -> dict:
     """A JSON file of the shard folder; one missing or damaged is a ShardDirError that says what to run."""
     path = storage.join(shards, name)
     try:
-        if storage.is_url(path):
-            return json.loads(storage.read_bytes(path))
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(storage.read(path).decode())
     except storage.StorageError:
         raise
     except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8

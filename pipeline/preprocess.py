@@ -13,7 +13,6 @@ import itertools
 import json
 import logging
 import operator
-import os
 import re
 import resource
 import shutil
@@ -294,29 +293,17 @@ def read_input(src, where) -> bytes:
 def _finished(record_path, tar_path, idx_path, fingerprint):
     """The record of this exact shard if it and its files (or objects) are intact, else None."""
     try:
-        record = json.loads(_read(record_path))
+        record = json.loads(storage.read(record_path))
     except (OSError, ValueError):
         return None
     if record.get("fingerprint") != fingerprint:
         return None
     if record["samples"] == 0:
         return record
-    intact = (_bytes_of(tar_path) == record["bytes"] and _bytes_of(idx_path) is not None
+    intact = (storage.size(tar_path) == record["bytes"] and storage.size(idx_path) is not None
               and sha256_file(tar_path) == record["sha256"]
               and sha256_file(idx_path) == record["index_sha256"])
     return record if intact else None
-
-
-def _read(path) -> bytes:
-    return storage.read_bytes(path) if storage.is_url(path) else Path(path).read_bytes()
-
-
-def _bytes_of(path) -> int | None:
-    """The size of a file or object; None where there is none."""
-    try:
-        return storage.head(path)["size"] if storage.is_url(path) else os.stat(path).st_size
-    except FileNotFoundError:
-        return None
 
 
 def run(src, out, settings=Settings(), val_labels=None, max_reject_fraction=0.01, val_fraction=0.0,
@@ -471,7 +458,7 @@ def _finish(out, src, tree, records, settings, val_labels, val_fraction, max_rej
                         f"fix or remove those inputs, or raise --max-reject-fraction, and run again")
     for r in records:  # nothing but this run wrote here since (a stray writer would have changed a size)
         tar = storage.join(out, f"{r['name']}.tar")
-        if r["samples"] and _bytes_of(tar) != r["bytes"]:
+        if r["samples"] and storage.size(tar) != r["bytes"]:
             raise JobFailed(f"{tar} changed while this run wrote {out}: another writer was at work; "
                             f"run the same command again")
     if not lock.holds():

@@ -179,6 +179,19 @@ def head(url) -> dict:
     return {"size": meta["size"], "etag": meta["e_tag"], "last_modified": meta["last_modified"].isoformat()}
 
 
+def read(path) -> bytes:
+    """The bytes of a file, or of an object where `path` is an s3:// URL; FileNotFoundError for neither."""
+    return read_bytes(path) if is_url(path) else Path(path).read_bytes()
+
+
+def size(path) -> int | None:
+    """The size of a file, or of an object where `path` is an s3:// URL; None where there is none."""
+    try:
+        return head(path)["size"] if is_url(path) else os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
 def exists(url) -> bool:
     try:
         head(url)

@@ -161,12 +161,16 @@ def pull_run(run: BucketRun, choose: bool):
 def refusal(config: Config) -> str | None:
     """Why config.out (a folder, or a bucket's run folder) cannot take this run, or None."""
     out = config.out
-    kept = [name for name in (checkpoint.CHECKPOINT, checkpoint.PREVIOUS) if _there(out, name) is not None]
+    kept = any(storage.size(storage.join(out, name)) is not None
+               for name in (checkpoint.CHECKPOINT, checkpoint.PREVIOUS))
     if kept and not config.resume:
         return f"{out} already holds a run: pass --resume to continue it, or choose another --out"
     if config.resume and not kept:
         return f"--resume: {out} has no {checkpoint.CHECKPOINT} to continue from: start the run without --resume"
-    text = _there(out, "config.json", read=True) if config.resume else None
+    try:
+        text = storage.read(storage.join(out, "config.json")) if config.resume else None
+    except FileNotFoundError:
+        text = None
     if text is not None:
         try:
             saved = json.loads(text)
@@ -184,17 +188,6 @@ def refusal(config: Config) -> str | None:
             return (f"--resume: {out} was trained on --shards {saved['shards']}, not {config.shards}: "
                     f"resume with the same, or start a new --out")
     return None
-
-
-def _there(out, name, read=False):
-    """The run folder's file `name`: its bytes with read, else something not None; None where there is none."""
-    path = storage.join(out, name)
-    try:
-        if storage.is_url(path):
-            return storage.read_bytes(path) if read else storage.head(path)
-        return Path(path).read_bytes() if read else Path(path).stat()
-    except FileNotFoundError:
-        return None
 
 
 def _where(shards) -> str:
@@ -365,7 +358,7 @@ def stopped(error, config: Config) -> str:
         said.append(f"worker {rank}{where}: {reason}")
     who = "; ".join(said) or str(error).strip().splitlines()[-1]
     latest = storage.join(config.out, checkpoint.CHECKPOINT)
-    if _there(config.out, checkpoint.CHECKPOINT) is not None:
+    if storage.size(latest) is not None:
         try:
             state = checkpoint.read(latest)
             resume = (f"the latest checkpoint is {latest} (epoch {state['epoch'] + 1}, step {state['epoch_step']} "

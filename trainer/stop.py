@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from pipeline import storage
+from pipeline.manifest import write_json
 
 log = logging.getLogger("trainer")
 
@@ -67,13 +68,9 @@ class StopRequest:
         def poll():
             while not self.asked:
                 try:
-                    text = storage.read_bytes(path) if storage.is_url(path) else Path(path).read_bytes()
+                    self.ask(int(storage.read(path).strip() or signal.SIGTERM))
                 except (FileNotFoundError, storage.StorageError):  # none yet, or a bucket that does not answer now
-                    text = None
-                if text is not None:
-                    self.ask(int(text.strip() or signal.SIGTERM))
-                    return
-                time.sleep(WATCH_S)
+                    time.sleep(WATCH_S)
 
         threading.Thread(target=poll, daemon=True, name="stop-watch").start()
 
@@ -85,11 +82,7 @@ class StopRequest:
 def request_file(out, signum):
     """Ask the run writing `out` (a folder or a bucket's run folder) to stop (the Ray Train driver does, for
     its workers)."""
-    path, text = storage.join(out, STOP_FILE), f"{int(signum)}\n".encode()
-    if storage.is_url(path):
-        storage.write_bytes(path, text)
-    else:
-        Path(path).write_bytes(text)
+    write_json(storage.join(out, STOP_FILE), int(signum))
 
 
 def clear_request(out):
